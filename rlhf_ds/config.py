@@ -1,0 +1,393 @@
+"""The rlhf_ds configuration: one frozen dataclass tree, loaded from YAML + dotted overrides.
+
+    cfg = load_config("rlhf_ds/recipes/ppo_tiny.yaml", ["algo.kl_coef=0.02", "actor.num_ranks=2"])
+    cfg = load_config(None)          # the built-in default recipe, grpo_tiny
+    cfg.algo.kl_coef = 1             # raises dataclasses.FrozenInstanceError
+
+Every field is documented where it is declared (`option(default, help)`); `rlhf-ds config fields`
+prints them. Enum-like fields are `Literal[...]` aliases declared once below: the validator and its
+error message both read the choices from that alias. Cross-field rules live in `_RULES` at the bottom.
+Derived values (`needs_critic`, `needs_reference`, ...) are properties, never stored.
+
+Imports no torch, ray, deepspeed or vllm.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from importlib import resources
+from typing import Literal, get_args
+
+from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
+                                   section, to_plain, yaml_dump, yaml_load)
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "validate",
+           "list_recipes", "DEFAULT_RECIPE", "POLICY_LOSS_HOMOGENEOUS", "GROUP_ESTIMATORS"]
+
+# ----------------------------------------------------------------------------- choices (declared once)
+
+Precision = Literal["auto", "fp32", "bf16"]
+LrSchedule = Literal["constant", "linear", "cosine"]
+RolloutBackend = Literal["hf", "vllm"]
+CudagraphMode = Literal["auto", "NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
+AdvantageEstimator = Literal["grpo", "grpo_no_std", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"]
+LossReduction = Literal["token_mean", "token_mean_legacy", "sequence_mean", "seq_mean_token_sum_norm",
+                        "prompt_mean"]
+KlEstimator = Literal["k1", "k2", "k3"]
+KlPlacement = Literal["none", "loss", "reward"]
+Launcher = Literal["ray", "deepspeed"]
+PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+
+# Policy losses and whether each is positively homogeneous in the advantage (loss(c*A) = c*loss(A) for
+# c > 0). This table is the one list of valid `algo.policy_loss` names; rlhf_ds/algo/losses.py must
+# register the same names with the same flags.
+POLICY_LOSS_HOMOGENEOUS: dict[str, bool] = {"ppo": True, "gspo": True}
+PolicyLoss = Literal[tuple(POLICY_LOSS_HOMOGENEOUS)]  # type: ignore[valid-type]  # runtime alias
+
+# Estimators that normalise within the samples of one prompt: they need rollout.n >= 2.
+GROUP_ESTIMATORS = ("grpo", "grpo_no_std", "rloo", "reinforce_pp_baseline")
+# Reductions implemented by pre-scaling the advantage (DESIGN.md): every mode is, so a policy loss
+# that is not homogeneous in the advantage would be mis-scaled by any of them.
+PRESCALED_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
+
+TRAIN_DS_CONFIG = "ds_configs/zero3_train.json"
+EVAL_DS_CONFIG = "ds_configs/zero3_inference.json"
+DEFAULT_RECIPE = "grpo_tiny"
+
+
+# ----------------------------------------------------------------------------- roles
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """One model engine (the reference uses it as is; the other roles extend it)."""
+    model_path: str = option("", "HF directory (save_pretrained layout) or 'tiny:<name>' (built "
+                                 "locally, cached); '' = role not used")
+    tokenizer_path: str = option("", "tokenizer directory; '' = the tokenizer saved with model_path")
+    ds_config: str = option(EVAL_DS_CONFIG, "DeepSpeed JSON template (ds_configs/*.json, relative to "
+                                            "the repo root or absolute); run-dependent values are "
+                                            "filled in from this config")
+    num_ranks: int = option(1, "data-parallel ranks (processes / GPUs) of this role", ge=1)
+    micro_batch_size: int = option(4, "sequences per forward (and backward) pass per rank", ge=1)
+
+
+@dataclass(frozen=True)
+class TrainableRoleConfig(RoleConfig):
+    """A role with an optimizer: the actor and the critic."""
+    ds_config: str = option(TRAIN_DS_CONFIG, "DeepSpeed JSON template (ds_configs/*.json, relative "
+                                             "to the repo root or absolute)")
+    lr: float = option(1e-6, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: LrSchedule = option("constant", "learning-rate decay after warm-up")
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up from 0", ge=0)
+    min_lr_ratio: float = option(0.0, "floor of linear / cosine decay, as a fraction of lr", ge=0, le=1)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", ge=0)
+    adam_betas: tuple[float, float] = option((0.9, 0.999), "AdamW (beta1, beta2)")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward to save memory")
+
+
+@dataclass(frozen=True)
+class RewardConfig(RoleConfig):
+    """Reward sources: rule functions and/or the reward-model engine, combined by weights."""
+    use_model: bool = option(False, "also score with the reward model at model_path")
+    model_weight: float = option(1.0, "weight of the reward-model score in the total reward")
+    functions: tuple[str, ...] = option(("exact_match",), "rule reward functions: registry names or "
+                                                          "'path/to/file.py:fn'")
+    function_weights: tuple[float, ...] = option((), "one weight per function; empty = all 1.0")
+    timeout_s: float = option(10.0, "a rule function still running after this is stopped", gt=0)
+    failure_value: float = option(0.0, "score of a sample whose rule function raised or timed out")
+    num_workers: int = option(2, "worker processes running the rule functions", ge=1)
+
+
+# ----------------------------------------------------------------------------- data and rollout
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Prompt datasets."""
+    train_path: str = option("synthetic:multiplication", "jsonl | parquet | HF datasets dir | "
+                                                         "'synthetic:<task>' (generated locally)")
+    eval_path: str = option("", "held-out prompts; '' = the held-out split of the synthetic task")
+    prompt_key: str = option("prompt", "column / JSON key holding the prompt text")
+    answer_key: str = option("answer", "column / JSON key holding the reference answer")
+    num_train: int = option(20000, "size of a synthetic task's train split", ge=1)
+    num_eval: int = option(256, "held-out prompts used per evaluation", ge=1)
+    task_seed: int = option(1234, "seed of the synthetic task generator and of its train / eval split")
+    prompts_per_step: int = option(32, "prompts drawn per RL step (each gets rollout.n samples)", ge=1)
+    shuffle: bool = option(True, "shuffle the prompts every epoch (seeded by `seed`)")
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """vLLM engine settings (used when rollout.backend = vllm)."""
+    enforce_eager: bool = option(False, "disable CUDA graphs / torch.compile (slower decode)")
+    cudagraph_mode: CudagraphMode = option("auto", "vLLM CUDA-graph mode; 'auto' = vLLM's default")
+    cudagraph_capture_sizes: tuple[int, ...] = option((), "batch sizes captured as CUDA graphs; "
+                                                          "empty = vLLM's default list")
+    gpu_memory_utilization: float = option(0.5, "fraction of GPU memory for weights + KV cache (on "
+                                                "CPU: of host RAM)", gt=0, le=1)
+    kv_cache_memory_bytes: int = option(0, "KV-cache size in bytes; 0 = derive from "
+                                           "gpu_memory_utilization (set it on CPU)", ge=0)
+    tensor_parallel_size: int = option(1, "GPUs per vLLM engine", ge=1)
+    enable_sleep_mode: bool = option(False, "release GPU memory between rollouts (colocated runs, "
+                                            "GPU only)")
+    enable_prefix_caching: bool = option(True, "reuse the KV cache of shared prompt prefixes")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """Response generation."""
+    backend: RolloutBackend = option("hf", "generation engine: HF generate or vLLM")
+    n: int = option(8, "samples per prompt", ge=1)
+    temperature: float = option(1.0, "sampling temperature", ge=0)
+    top_p: float = option(1.0, "nucleus sampling mass", gt=0, le=1)
+    top_k: int = option(-1, "sample from the k most likely tokens; -1 = off")
+    max_prompt_len: int = option(32, "prompt tokens kept (longer prompts are refused by the data "
+                                     "loader)", ge=1)
+    max_response_len: int = option(16, "generated tokens per response at most", ge=1)
+    num_engines: int = option(1, "rollout engines (independent of actor.num_ranks)", ge=1)
+    eval_temperature: float = option(0.0, "temperature of held-out evaluation (0 = greedy)", ge=0)
+    weight_sync_bucket_mb: int = option(64, "size of the parameter buckets sent actor -> rollout", ge=1)
+    vllm: VllmConfig = section(VllmConfig, "vLLM engine settings")
+
+
+# ----------------------------------------------------------------------------- algorithm
+
+@dataclass(frozen=True)
+class AlgoConfig:
+    """Advantages, losses and their reduction."""
+    advantage_estimator: AdvantageEstimator = option("grpo", "how rewards become advantages")
+    loss_reduction: LossReduction = option("token_mean", "how per-token losses of a mini-batch are "
+                                                         "averaged (DESIGN.md table)")
+    policy_loss: PolicyLoss = option("ppo", "policy objective: PPO clipped surrogate or GSPO")
+    clip_low: float = option(0.2, "ratio clipped below at 1 - clip_low", ge=0, lt=1)
+    clip_high: float = option(0.2, "ratio clipped above at 1 + clip_high (clip-higher)", ge=0, lt=1)
+    dual_clip: float = option(0.0, "dual-clip constant for negative advantages; 0 = off, else > 1")
+    kl_estimator: KlEstimator = option("k3", "KL(actor || reference) estimator")
+    kl_placement: KlPlacement = option("none", "where the KL penalty goes: not used, a loss term, or "
+                                               "subtracted from the reward")
+    kl_coef: float = option(0.0, "KL coefficient (initial value when adaptive)", ge=0)
+    adaptive_kl: bool = option(False, "adapt kl_coef towards kl_target (proportional controller)")
+    kl_target: float = option(0.1, "target KL of the adaptive controller", gt=0)
+    kl_horizon: int = option(10000, "horizon (in samples) of the adaptive controller", ge=1)
+    entropy_coef: float = option(0.0, "entropy bonus coefficient", ge=0)
+    epochs: int = option(1, "passes over each rollout batch", ge=1)
+    mini_batch_size: int = option(256, "sequences per optimizer step (global, all ranks)", ge=1)
+    gamma: float = option(1.0, "GAE discount", ge=0, le=1)
+    lam: float = option(0.95, "GAE lambda", ge=0, le=1)
+    value_clip: float = option(0.2, "clip range of the value loss around the old values", ge=0)
+    value_loss_coef: float = option(1.0, "weight of the critic's value loss", gt=0)
+    whiten_advantages: bool = option(False, "normalise advantages over the whole batch")
+    tis: bool = option(False, "truncated importance sampling between rollout and trainer log-probs")
+    tis_cap: float = option(2.0, "cap of the truncated importance weight", gt=0)
+    max_seq_len_norm: int = option(0, "constant L of seq_mean_token_sum_norm; 0 = "
+                                      "rollout.max_response_len", ge=0)
+
+
+# ----------------------------------------------------------------------------- cluster and trainer
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Where the role processes run."""
+    launcher: Launcher = option("ray", "Ray actors driven by one controller, or SPMD ranks under the "
+                                       "deepspeed launcher")
+    ray_address: str = option("", "Ray cluster to join; '' = env RAY_ADDRESS, else start a local Ray")
+    colocate: bool = option(False, "actor, reference and rollout share the same devices")
+    placement_strategy: PlacementStrategy = option("PACK", "Ray placement-group strategy")
+    cpus_per_worker: float = option(0.25, "CPUs reserved per Ray worker (fractional on CPU hosts)",
+                                    gt=0)
+
+
+@dataclass(frozen=True)
+class SftConfig:
+    """Supervised warm start of the actor before RL (cached)."""
+    steps: int = option(0, "maximum SFT optimizer steps; 0 = no warm start", ge=0)
+    lr: float = option(3e-3, "SFT learning rate", gt=0)
+    batch_size: int = option(128, "sequences per SFT step", ge=1)
+    target_eval_accuracy: float = option(0.5, "stop once held-out exact match reaches this", ge=0, le=1)
+    eval_interval: int = option(25, "SFT steps between held-out evaluations", ge=1)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The RL loop: length, logging, evaluation, checkpoints."""
+    max_steps: int = option(40, "RL steps (one rollout batch each)", ge=1)
+    output_dir: str = option("outputs/run", "metrics, TensorBoard events, checkpoints, resolved config")
+    log_interval: int = option(1, "steps between printed summaries", ge=1)
+    eval_interval: int = option(5, "steps between held-out evaluations; 0 = first and last only", ge=0)
+    save_interval: int = option(0, "steps between checkpoints; 0 = only at the end", ge=0)
+    resume: bool = option(False, "continue from the latest complete checkpoint in output_dir")
+    max_skipped_steps: int = option(3, "abort after this many consecutive non-finite steps", ge=1)
+    sft: SftConfig = section(SftConfig, "supervised warm start")
+
+
+# ----------------------------------------------------------------------------- the root
+
+@dataclass(frozen=True)
+class Config:
+    """A whole run. Build it with load_config(); it is validated, then immutable."""
+    seed: int = option(0, "seed of sampling, data order and initialisation")
+    precision: Precision = option("auto", "auto = bf16 on GPU, fp32 on CPU")
+    actor: TrainableRoleConfig = section(TrainableRoleConfig, "the policy being trained",
+                                         model_path="tiny:llama-arith")
+    critic: TrainableRoleConfig = section(TrainableRoleConfig, "value model (used by gae)")
+    reference: RoleConfig = section(RoleConfig, "frozen policy for the KL penalty")
+    reward: RewardConfig = section(RewardConfig, "reward functions and reward model")
+    data: DataConfig = section(DataConfig, "prompt datasets")
+    rollout: RolloutConfig = section(RolloutConfig, "generation")
+    algo: AlgoConfig = section(AlgoConfig, "advantages and losses")
+    cluster: ClusterConfig = section(ClusterConfig, "placement")
+    trainer: TrainerConfig = section(TrainerConfig, "the RL loop")
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.algo.advantage_estimator == "gae"
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.algo.kl_placement != "none" and self.algo.kl_coef > 0
+
+    @property
+    def uses_reward_model(self) -> bool:
+        return self.reward.use_model
+
+    @property
+    def trainable_roles(self) -> tuple[str, ...]:
+        """Names of the roles that take optimizer steps in this run."""
+        return ("actor", "critic") if self.needs_critic else ("actor",)
+
+    @property
+    def loss_norm_len(self) -> int:
+        """The constant L of seq_mean_token_sum_norm."""
+        return self.algo.max_seq_len_norm or self.rollout.max_response_len
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def to_yaml(self) -> str:
+        return yaml_dump(self.to_dict())
+
+    def save(self, path: str) -> None:
+        """Write the resolved config (loadable again with load_config)."""
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(self.to_yaml())
+
+
+# ----------------------------------------------------------------------------- loading
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in rlhf_ds/recipes (without .yaml)."""
+    folder = resources.files("rlhf_ds") / "recipes"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_config_text(path: str | None) -> tuple[str, str]:
+    """(YAML text, source name) of a file path or of a shipped recipe name."""
+    if path is not None and os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    name = DEFAULT_RECIPE if path is None else os.path.basename(path).removesuffix(".yaml")
+    if (path is None or os.sep not in path) and name in list_recipes():
+        return (resources.files("rlhf_ds") / "recipes" / f"{name}.yaml").read_text("utf-8"), name
+    raise ConfigError(f"config file not found: {path!r}; shipped recipes: {', '.join(list_recipes())}")
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML file (or a shipped recipe name; None = grpo_tiny), apply overrides, validate."""
+    text, source = _read_config_text(path)
+    raw = yaml_load(text, source)
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections, got "
+                          f"{type(raw).__name__}")
+    return config_from_dict(raw or {}, overrides)
+
+
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate a Config from nested dicts (e.g. a parsed YAML) plus overrides."""
+    cfg = build(Config, apply_overrides(raw, parse_overrides(overrides)))
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+
+def _batch_rules(cfg: Config):
+    algo, rollout_batch = cfg.algo, cfg.data.prompts_per_step * cfg.rollout.n
+    if rollout_batch % algo.mini_batch_size:
+        yield (f"data.prompts_per_step * rollout.n = {cfg.data.prompts_per_step} * {cfg.rollout.n} = "
+               f"{rollout_batch} sequences per step must be divisible by "
+               f"algo.mini_batch_size={algo.mini_batch_size}")
+    for name in cfg.trainable_roles:
+        role = getattr(cfg, name)
+        per_pass = role.num_ranks * role.micro_batch_size
+        if algo.mini_batch_size % per_pass:
+            yield (f"algo.mini_batch_size={algo.mini_batch_size} must be divisible by "
+                   f"{name}.num_ranks * {name}.micro_batch_size = {role.num_ranks} * "
+                   f"{role.micro_batch_size} = {per_pass}")
+
+
+def _estimator_rules(cfg: Config):
+    algo = cfg.algo
+    if algo.advantage_estimator in GROUP_ESTIMATORS and cfg.rollout.n < 2:
+        yield (f"algo.advantage_estimator={algo.advantage_estimator!r} normalises within each prompt's "
+               f"samples and needs rollout.n >= 2, got rollout.n={cfg.rollout.n} (group estimators: "
+               f"{', '.join(GROUP_ESTIMATORS)})")
+    if cfg.needs_critic and not cfg.critic.model_path:
+        yield "algo.advantage_estimator='gae' needs a critic: set critic.model_path"
+    if (not POLICY_LOSS_HOMOGENEOUS[algo.policy_loss]
+            and algo.loss_reduction in PRESCALED_REDUCTIONS):
+        homogeneous = [k for k, v in POLICY_LOSS_HOMOGENEOUS.items() if v]
+        yield (f"algo.policy_loss={algo.policy_loss!r} is not positively homogeneous in the advantage, "
+               f"so algo.loss_reduction={algo.loss_reduction!r} (done by pre-scaling advantages) would "
+               f"mis-scale it; homogeneous losses: {', '.join(homogeneous)}")
+    if algo.dual_clip != 0 and not algo.dual_clip > 1:
+        yield f"algo.dual_clip must be 0 (off) or > 1, got {algo.dual_clip!r}"
+
+
+def _kl_rules(cfg: Config):
+    algo = cfg.algo
+    if algo.kl_placement != "none" and not cfg.reference.model_path:
+        yield (f"algo.kl_placement={algo.kl_placement!r} needs a reference model: set "
+               f"reference.model_path (or algo.kl_placement=none)")
+    if algo.adaptive_kl and algo.kl_placement == "none":
+        yield "algo.adaptive_kl=true has no effect with algo.kl_placement='none'"
+
+
+def _reward_rules(cfg: Config):
+    reward = cfg.reward
+    if reward.use_model and not reward.model_path:
+        yield "reward.use_model=true needs reward.model_path"
+    if not reward.use_model and not reward.functions:
+        yield "no reward source: set reward.functions or reward.use_model=true"
+    if reward.function_weights and len(reward.function_weights) != len(reward.functions):
+        yield (f"reward.function_weights has {len(reward.function_weights)} entries but "
+               f"reward.functions has {len(reward.functions)} ({', '.join(reward.functions)})")
+
+
+def _runtime_rules(cfg: Config):
+    if not cfg.actor.model_path:
+        yield "actor.model_path is required"
+    if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
+        yield f"rollout.top_k must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
+    bad_sizes = [s for s in cfg.rollout.vllm.cudagraph_capture_sizes if s < 1]
+    if bad_sizes:
+        yield f"rollout.vllm.cudagraph_capture_sizes must be >= 1, got {bad_sizes}"
+    if cfg.cluster.launcher == "deepspeed":
+        # SPMD: every launcher rank holds a shard of every role, so all roles span the same ranks.
+        ranks = {name: getattr(cfg, name).num_ranks for name in _roles_in_use(cfg)}
+        if len(set(ranks.values())) > 1:
+            listed = ", ".join(f"{k}.num_ranks={v}" for k, v in ranks.items())
+            yield f"cluster.launcher='deepspeed' runs every role on every rank; got {listed}"
+
+
+def _roles_in_use(cfg: Config) -> list[str]:
+    roles = list(cfg.trainable_roles)
+    roles += ["reference"] if cfg.needs_reference else []
+    return roles + (["reward"] if cfg.uses_reward_model else [])
+
+
+_RULES = (_batch_rules, _estimator_rules, _kl_rules, _reward_rules, _runtime_rules)
+
+
+def validate(cfg: Config) -> None:
+    """Check every cross-field rule; raise one ConfigError listing all that fail."""
+    problems = [message for rule in _RULES for message in rule(cfg)]
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

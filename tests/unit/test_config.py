@@ -1,0 +1,454 @@
+"""The config tree: loading, overrides, every validation rule, freezing, printing, `rlhf-ds config`."""
+import ast
+import dataclasses
+import subprocess
+import sys
+from typing import get_args, get_type_hints
+
+import pytest
+import yaml
+
+from rlhf_ds import cli, config
+from rlhf_ds.config import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, AlgoConfig, Config, ConfigError,
+                            load_config, parse_overrides, validate)
+from rlhf_ds.config_loader import apply_overrides, build, iter_fields
+
+
+def load(*overrides, recipe=None):
+    return load_config(recipe, list(overrides))
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- loading and overrides
+
+def test_default_is_the_grpo_tiny_recipe():
+    cfg = load_config(None)
+    assert cfg == load_config(str(config.resources.files("rlhf_ds") / "recipes" / "grpo_tiny.yaml"))
+    assert (cfg.algo.advantage_estimator, cfg.algo.loss_reduction, cfg.algo.kl_placement) == \
+        ("grpo", "token_mean", "none")
+    assert (cfg.data.prompts_per_step, cfg.rollout.n, cfg.rollout.backend) == (32, 8, "hf")
+    assert (cfg.actor.model_path, cfg.actor.num_ranks, cfg.actor.lr) == ("tiny:llama-arith", 1, 1e-4)
+    assert cfg.data.train_path == "synthetic:multiplication"
+
+
+def test_dataclass_defaults_are_valid():
+    validate(Config())
+
+
+def test_overrides_nested_keys_lists_and_scalars():
+    cfg = load("algo.kl_placement=loss", "reference.model_path=tiny:llama-arith", "algo.kl_coef=1e-3",
+               "reward.functions=[exact_match, format]", "reward.function_weights=[1, 0.5]",
+               "rollout.vllm.cudagraph_capture_sizes=[1,2,4]", "actor.adam_betas=[0.9,0.95]",
+               "cluster.colocate=true", "data.eval_path=", "rollout.top_k=5")
+    assert cfg.algo.kl_coef == 1e-3 and isinstance(cfg.algo.kl_coef, float)
+    assert cfg.reward.functions == ("exact_match", "format")
+    assert cfg.reward.function_weights == (1.0, 0.5)
+    assert all(isinstance(w, float) for w in cfg.reward.function_weights)
+    assert cfg.rollout.vllm.cudagraph_capture_sizes == (1, 2, 4)
+    assert cfg.actor.adam_betas == (0.9, 0.95)
+    assert cfg.cluster.colocate is True and cfg.data.eval_path == "" and cfg.rollout.top_k == 5
+    assert cfg.needs_reference
+
+
+def test_override_keeps_the_rest_of_a_section_and_later_wins():
+    cfg = load("rollout.vllm={enforce_eager: true}", "actor.lr=1e-3", "actor.lr=2e-3",
+               recipe="grpo_qwen2.5_1.5b_gsm8k")
+    assert cfg.rollout.vllm.enforce_eager is True
+    assert cfg.rollout.vllm.gpu_memory_utilization == 0.6  # from the recipe, untouched
+    assert cfg.actor.lr == 2e-3
+    assert cfg.actor.num_ranks == 4  # the rest of the actor section comes from the recipe
+
+
+def test_partial_section_keeps_slot_defaults(tmp_path):
+    # the actor slot's own default model path survives a YAML that sets only other actor keys
+    cfg = load_config(write_yaml(tmp_path, "actor: {lr: 1e-4}\n"))
+    assert cfg.actor.model_path == "tiny:llama-arith" and cfg.actor.lr == 1e-4
+
+
+def test_yaml_reads_exponent_floats(tmp_path):
+    cfg = load_config(write_yaml(tmp_path, "actor:\n  lr: 1e-4\nalgo:\n  kl_coef: 2E-3\n"))
+    assert cfg.actor.lr == 1e-4 and cfg.algo.kl_coef == 2e-3
+
+
+def test_parse_overrides_values_and_malformed_items():
+    assert parse_overrides(["a.b=true", "c=1e-4", "d=[1, 2]", "e=", "f=x=y"]) == \
+        [("a.b", True), ("c", 1e-4), ("d", [1, 2]), ("e", ""), ("f", "x=y")]
+    for bad in ["algo.kl_coef", "=1", "algo..kl_coef=1", ".x=1"]:
+        with pytest.raises(ConfigError, match="dotted.key=value"):
+            parse_overrides([bad])
+
+
+def test_override_through_a_value_is_refused():
+    with pytest.raises(ConfigError, match=r"algo\.kl_coef is a value"):
+        load("algo.kl_coef.x=1")  # grpo_tiny sets algo.kl_coef
+    with pytest.raises(ConfigError, match=r"algo: expected a mapping"):
+        load("algo=3")
+
+
+def test_missing_file_lists_recipes():
+    with pytest.raises(ConfigError, match=r"not found.*grpo_tiny.*ppo_tiny"):
+        load_config("no/such/file.yaml")
+
+
+def test_non_mapping_yaml_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write_yaml(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write_yaml(tmp_path, "algo: [unclosed\n"))
+
+
+# ----------------------------------------------------------------------------- unknown keys
+
+@pytest.mark.parametrize("text,expected", [
+    ("algoo:\n  kl_coef: 0.1\n", "unknown key 'algoo'; did you mean 'algo'?"),
+    ("algo:\n  kl_cof: 0.1\n", "unknown key 'algo.kl_cof'; did you mean 'algo.kl_coef'?"),
+    ("rollout:\n  vllm:\n    enforce_eagr: true\n",
+     "unknown key 'rollout.vllm.enforce_eagr'; did you mean 'rollout.vllm.enforce_eager'?"),
+])
+def test_unknown_yaml_key_suggests(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(write_yaml(tmp_path, text))
+    assert str(err.value) == expected
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("sed=1", "did you mean 'seed'?"),
+    ("trainer.sft.stpes=3", "unknown key 'trainer.sft.stpes'; did you mean 'trainer.sft.steps'?"),
+    ("actor.micro_batch=2", "did you mean 'actor.micro_batch_size'?"),
+])
+def test_unknown_override_key_suggests(override, expected):
+    with pytest.raises(ConfigError, match=expected.replace(".", r"\.").replace("?", r"\?")):
+        load(override)
+
+
+def test_unknown_key_without_close_match_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        load("cluster.zzzzzz=1")
+    names = [f.name for f in dataclasses.fields(config.ClusterConfig)]
+    assert "valid keys in section 'cluster'" in str(err.value)
+    assert all(name in str(err.value) for name in names)
+
+
+# ----------------------------------------------------------------------------- enums
+
+ENUM_FIELDS = [f for f in iter_fields(Config) if f.choices]
+
+
+def _choices_in_message(message):
+    listed = message.split("valid choices: ", 1)[1].split("; did you mean", 1)[0]
+    return tuple(ast.literal_eval(item) for item in listed.split(", "))
+
+
+def test_enum_fields_are_found():
+    paths = {f.path for f in ENUM_FIELDS}
+    assert {"precision", "actor.lr_schedule", "critic.lr_schedule", "rollout.backend",
+            "rollout.vllm.cudagraph_mode", "algo.advantage_estimator", "algo.loss_reduction",
+            "algo.policy_loss", "algo.kl_estimator", "algo.kl_placement", "cluster.launcher",
+            "cluster.placement_strategy"} <= paths
+
+
+@pytest.mark.parametrize("info", ENUM_FIELDS, ids=lambda f: f.path)
+def test_invalid_enum_lists_every_choice(info):
+    # the choices come from the field's Literal annotation, the one source the validator reads
+    owner_path, name = info.path.rpartition(".")[::2]
+    owner = Config
+    for part in filter(None, owner_path.split(".")):
+        owner = get_type_hints(owner)[part]
+    assert info.choices == get_args(get_type_hints(owner)[name])
+    with pytest.raises(ConfigError) as err:
+        load(f"{info.path}=not_a_choice")
+    message = str(err.value)
+    assert message.startswith(f"{info.path}: invalid value 'not_a_choice'")
+    assert _choices_in_message(message) == info.choices
+    for choice in info.choices:  # each listed choice passes the field check
+        build(Config, apply_overrides({}, parse_overrides([f"{info.path}={choice}"])))
+
+
+def test_invalid_enum_suggests_the_closest_choice():
+    with pytest.raises(ConfigError, match=r"did you mean 'sequence_mean'\?"):
+        load("algo.loss_reduction=sequense_mean")
+
+
+def test_enum_tables_agree():
+    assert get_args(get_type_hints(AlgoConfig)["policy_loss"]) == tuple(POLICY_LOSS_HOMOGENEOUS)
+    assert set(GROUP_ESTIMATORS) < set(get_args(get_type_hints(AlgoConfig)["advantage_estimator"]))
+
+
+def test_policy_loss_flags_match_the_algo_registry():
+    from rlhf_ds.algo.losses import POLICY_LOSSES
+    assert {name: spec.homogeneous for name, spec in POLICY_LOSSES.items()} == POLICY_LOSS_HOMOGENEOUS
+
+
+# ----------------------------------------------------------------------------- types and bounds
+
+@pytest.mark.parametrize("override,expected", [
+    ("actor.lr=abc", "actor.lr: expected float, got str 'abc'"),
+    ("rollout.n=2.5", "rollout.n: expected int, got float 2.5"),
+    ("rollout.n=true", "rollout.n: expected int, got bool True"),
+    ("cluster.colocate=1", "cluster.colocate: expected bool, got int 1"),
+    ("data.prompt_key=[a]", "data.prompt_key: expected str, got list ['a']"),
+    ("reward.functions=exact_match", "reward.functions: expected list[str], got str 'exact_match'"),
+    ("reward.function_weights=[1, x]", "reward.function_weights[1]: expected float, got str 'x'"),
+    ("actor.adam_betas=[0.9]", "actor.adam_betas: expected [float, float] (2 items), got 1 items"),
+    ("rollout.vllm=3", "rollout.vllm: expected a mapping of keys, got int 3"),
+])
+def test_type_errors_name_field_and_type(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    assert str(err.value).startswith(expected)
+
+
+def test_int_is_accepted_for_float():
+    cfg = load("algo.kl_coef=0", "rollout.temperature=1")
+    assert isinstance(cfg.algo.kl_coef, float) and isinstance(cfg.rollout.temperature, float)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("actor.num_ranks=0", "actor.num_ranks: must be >= 1, got 0"),
+    ("algo.clip_low=1.0", "algo.clip_low: must be >= 0 and < 1, got 1.0"),
+    ("algo.clip_high=-0.1", "algo.clip_high: must be >= 0 and < 1, got -0.1"),
+    ("algo.kl_coef=-1", "algo.kl_coef: must be >= 0, got -1.0"),
+    ("rollout.top_p=0", "rollout.top_p: must be > 0 and <= 1, got 0.0"),
+    ("actor.lr=.nan", "actor.lr: must be > 0, got nan"),
+    ("rollout.vllm.gpu_memory_utilization=1.5", "rollout.vllm.gpu_memory_utilization: must be > 0"),
+])
+def test_bounds(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    assert str(err.value).startswith(expected)
+
+
+def test_clip_ranges_accept_the_closed_lower_end():
+    cfg = load("algo.clip_low=0", "algo.clip_high=0.99")
+    assert (cfg.algo.clip_low, cfg.algo.clip_high) == (0.0, 0.99)
+
+
+# ----------------------------------------------------------------------------- cross-field rules
+
+def assert_rule(overrides, fragment, recipe=None):
+    """The rule fails with `fragment` in the message (and nothing else fails)."""
+    with pytest.raises(ConfigError) as err:
+        load(*overrides, recipe=recipe)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid config:" and len(lines) == 2, str(err.value)
+    assert fragment in lines[1]
+
+
+def test_rollout_batch_divisible_by_mini_batch():
+    load("algo.mini_batch_size=128", "actor.micro_batch_size=32")
+    assert_rule(["algo.mini_batch_size=96", "actor.micro_batch_size=32"],
+                "data.prompts_per_step * rollout.n = 32 * 8 = 256 sequences per step must be "
+                "divisible by algo.mini_batch_size=96")
+
+
+def test_mini_batch_divisible_by_actor_ranks_times_micro():
+    load("actor.num_ranks=4")  # 4 * 64 = 256
+    assert_rule(["actor.num_ranks=3"], "algo.mini_batch_size=256 must be divisible by "
+                "actor.num_ranks * actor.micro_batch_size = 3 * 64 = 192")
+
+
+def test_critic_layout_checked_only_when_critic_is_used():
+    load("critic.num_ranks=3")  # grpo: the critic is not used
+    load("critic.num_ranks=2", recipe="ppo_tiny")  # 2 * 32 divides 128
+    assert_rule(["critic.num_ranks=3"], "critic.num_ranks * critic.micro_batch_size = 3 * 32 = 96",
+                recipe="ppo_tiny")
+
+
+@pytest.mark.parametrize("estimator", GROUP_ESTIMATORS)
+def test_group_estimators_need_two_samples(estimator):
+    base = [f"algo.advantage_estimator={estimator}", "algo.mini_batch_size=32",
+            "actor.micro_batch_size=32"]
+    load(*base, "rollout.n=2")
+    assert_rule([*base, "rollout.n=1"], f"algo.advantage_estimator={estimator!r} normalises "
+                "within each prompt's samples and needs rollout.n >= 2, got rollout.n=1")
+
+
+def test_non_group_estimators_accept_one_sample():
+    load("algo.advantage_estimator=reinforce_pp", "rollout.n=1", "algo.mini_batch_size=32",
+         "actor.micro_batch_size=32")
+    load("rollout.n=1", "data.prompts_per_step=128", recipe="ppo_tiny")
+
+
+def test_gae_needs_a_critic():
+    assert_rule(["algo.advantage_estimator=gae"], "needs a critic: set critic.model_path")
+    cfg = load("algo.advantage_estimator=gae", "critic.model_path=tiny:llama-arith-value")
+    assert cfg.needs_critic and cfg.trainable_roles == ("actor", "critic")
+
+
+def test_loss_reduction_refused_for_non_homogeneous_loss(monkeypatch):
+    for mode in config.PRESCALED_REDUCTIONS:
+        load("algo.policy_loss=gspo", f"algo.loss_reduction={mode}")
+    monkeypatch.setitem(POLICY_LOSS_HOMOGENEOUS, "gspo", False)
+    for mode in config.PRESCALED_REDUCTIONS:
+        assert_rule(["algo.policy_loss=gspo", f"algo.loss_reduction={mode}"],
+                    f"algo.policy_loss='gspo' is not positively homogeneous in the advantage, so "
+                    f"algo.loss_reduction={mode!r}")
+        load("algo.policy_loss=ppo", f"algo.loss_reduction={mode}")
+
+
+@pytest.mark.parametrize("value,ok", [(0, True), (1.01, True), (3, True), (1, False), (0.5, False),
+                                      (-2, False)])
+def test_dual_clip_is_zero_or_above_one(value, ok):
+    if ok:
+        assert load(f"algo.dual_clip={value}").algo.dual_clip == value
+    else:
+        assert_rule([f"algo.dual_clip={value}"], "algo.dual_clip must be 0 (off) or > 1")
+
+
+@pytest.mark.parametrize("placement", ["loss", "reward"])
+def test_kl_placement_needs_reference(placement):
+    assert_rule([f"algo.kl_placement={placement}", "algo.kl_coef=0.1"],
+                f"algo.kl_placement={placement!r} needs a reference model")
+    cfg = load(f"algo.kl_placement={placement}", "algo.kl_coef=0.1",
+               "reference.model_path=tiny:llama-arith")
+    assert cfg.needs_reference
+
+
+def test_adaptive_kl_needs_a_placement():
+    assert_rule(["algo.adaptive_kl=true"], "algo.adaptive_kl=true has no effect")
+    load("algo.adaptive_kl=true", recipe="ppo_tiny")
+
+
+def test_reward_sources():
+    assert_rule(["reward.use_model=true"], "reward.use_model=true needs reward.model_path")
+    assert load("reward.use_model=true", "reward.model_path=tiny:llama-arith-value").uses_reward_model
+    assert_rule(["reward.functions=[]"], "no reward source")
+    load("reward.functions=[]", "reward.use_model=true", "reward.model_path=x")
+    assert_rule(["reward.functions=[exact_match, format]", "reward.function_weights=[1]"],
+                "reward.function_weights has 1 entries but reward.functions has 2")
+    load("reward.functions=[exact_match, format]", "reward.function_weights=[1, 0.1]")
+
+
+def test_top_k_off_or_positive():
+    load("rollout.top_k=-1")
+    load("rollout.top_k=20")
+    assert_rule(["rollout.top_k=0"], "rollout.top_k must be -1 (off) or >= 1, got 0")
+
+
+def test_actor_model_path_required_and_capture_sizes_positive():
+    assert_rule(["actor.model_path="], "actor.model_path is required")
+    assert_rule(["rollout.vllm.cudagraph_capture_sizes=[1, 0]"], "cudagraph_capture_sizes must be >= 1")
+
+
+def test_deepspeed_launcher_needs_equal_ranks_across_used_roles():
+    load("cluster.launcher=deepspeed", recipe="ppo_tiny")
+    assert_rule(["cluster.launcher=deepspeed", "actor.num_ranks=2"],
+                "cluster.launcher='deepspeed' runs every role on every rank; got actor.num_ranks=2, "
+                "critic.num_ranks=1, reference.num_ranks=1", recipe="ppo_tiny")
+    load("cluster.launcher=deepspeed", "actor.num_ranks=2")  # grpo_tiny: only the actor is used
+
+
+def test_vllm_backend_is_not_a_config_error():
+    assert load("rollout.backend=vllm").rollout.backend == "vllm"
+
+
+def test_all_failing_rules_are_reported_together():
+    with pytest.raises(ConfigError) as err:
+        load("rollout.n=1", "algo.dual_clip=0.5", "rollout.top_k=0")
+    message = str(err.value)
+    assert "rollout.n >= 2" in message and "dual_clip" in message and "top_k" in message
+
+
+# ----------------------------------------------------------------------------- frozen, derived, printing
+
+def test_frozen_after_load():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.algo.kl_coef = 1
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1
+    with pytest.raises(AttributeError):
+        cfg.reward.functions.append("format")  # sequences are tuples
+
+
+def test_derived_values_are_properties_not_fields():
+    cfg = load_config("ppo_tiny")
+    assert (cfg.needs_critic, cfg.needs_reference, cfg.uses_reward_model) == (True, True, False)
+    assert cfg.loss_norm_len == cfg.rollout.max_response_len == 16
+    assert load("algo.max_seq_len_norm=40").loss_norm_len == 40
+    names = {f.path.split(".")[-1] for f in iter_fields(Config)}
+    assert not {"needs_critic", "needs_reference", "uses_reward_model"} & names
+    assert "needs_critic" not in cfg.to_dict()
+
+
+def test_to_yaml_round_trip(tmp_path):
+    cfg = load("algo.kl_coef=1e-3", "reward.function_weights=[2]", recipe="ppo_tiny")
+    path = tmp_path / "resolved.yaml"
+    cfg.save(str(path))
+    assert load_config(str(path)) == cfg
+    assert yaml.safe_load(cfg.to_yaml()) == cfg.to_dict()
+
+
+def test_every_field_is_documented():
+    undocumented = [f.path for f in iter_fields(Config) if len(f.help) < 8]
+    assert not undocumented
+
+
+def test_config_module_imports_no_heavy_framework():
+    code = ("import sys, rlhf_ds.config, rlhf_ds.cli; "
+            "print(sorted(m for m in ('torch', 'ray', 'deepspeed', 'vllm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def test_cli_config_show_prints_resolved_yaml(capsys):
+    assert cli.main(["config", "show", "ppo_tiny", "algo.kl_coef=0.5", "actor.num_ranks=2"]) == 0
+    out = capsys.readouterr().out
+    expected = load_config("ppo_tiny", ["algo.kl_coef=0.5", "actor.num_ranks=2"])
+    assert yaml.safe_load(out) == expected.to_dict()
+    assert "# derived: needs_critic=true, needs_reference=true, uses_reward_model=false" in out
+
+
+def test_cli_config_show_default(capsys):
+    assert cli.main(["config", "show"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == load_config(None).to_dict()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["algo.kl_cof=1"], "did you mean 'algo.kl_coef'?"),
+    (["algo.policy_loss=ppx"], "valid choices: 'ppo', 'gspo'"),
+    (["ppo_tiny", "not_an_override"], "expected key=value"),
+    (["missing.yaml"], "config file not found"),
+])
+def test_cli_errors_exit_2_without_traceback(capsys, args, fragment):
+    assert cli.main(["config", "show", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and fragment in captured.err
+    assert captured.err.startswith("rlhf-ds: error: ") and "Traceback" not in captured.err
+
+
+def test_cli_subprocess_bad_key_exit_code():
+    proc = subprocess.run([sys.executable, "-m", "rlhf_ds.cli", "config", "show", "algoo.x=1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "did you mean 'algo'?" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_help_and_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0 and "config" in capsys.readouterr().out
+    assert cli.main(["config", "fields"]) == 0
+    out = capsys.readouterr().out
+    for f in iter_fields(Config):
+        assert f"{f.path}: " in out and f.help in out
+    assert cli.main(["config", "fields", "algo.kl"]) == 0
+    assert "algo.kl_coef: float = 0.0" in capsys.readouterr().out
+    assert cli.main(["config", "fields", "nope"]) == 2
+
+
+def test_cli_registration_adds_a_command(monkeypatch, capsys):
+    def run(ns):
+        print(cli.config_from_args(ns).rollout.n)
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "echo", cli.Command("print rollout.n", cli.add_config_arguments, run))
+    assert cli.main(["echo", "ppo_tiny", "rollout.n=3", "data.prompts_per_step=128"]) == 0
+    assert capsys.readouterr().out.strip() == "3"
