@@ -1,0 +1,286 @@
+"""Rule-based reward functions and a runner that evaluates them safely in worker processes.
+
+Contract of a reward function::
+
+    fn(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]) -> list[float]
+
+one float per sample, batch in, batch out. ``responses`` are the generated texts decoded *without*
+special tokens (the eos token is not in the text); ``finished[i]`` is True when sample i stopped on the
+eos token rather than on the length limit. ``answers`` are the dataset's reference answers.
+
+Functions are named in the config by registry name (``exact_match``, ``format``), by
+``path/to/file.py:fn`` (loaded from that file) or by ``package.module:fn``.
+
+:class:`RewardRunner` calls them in spawned worker processes, never in the caller: a function that
+raises scores every sample of that call ``failure_value`` (counted in ``failures``); one that runs past
+``timeout_s`` has its process killed and replaced, and scores ``failure_value`` (counted in
+``timeouts``). This works from any thread, unlike signal-based alarms which only fire on the main
+thread. A function that returns the wrong number of values, a non-number, or a non-finite value is a
+bug, not a bad sample: :class:`RewardFunctionError` naming the function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import logging
+import math
+import re
+import sys
+import threading
+import time
+import weakref
+from collections import deque
+from multiprocessing.connection import wait as wait_for_connections
+from pathlib import Path
+from typing import Callable, Sequence
+
+from rlhf_ds.data.reward_workers import WorkerProcess, stop_workers
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[[list, list, list, list], Sequence[float]]
+
+
+class RewardFunctionError(RuntimeError):
+    """A reward function that is misconfigured or broke the contract (wrong length, non-finite...)."""
+
+
+def exact_match(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
+                ) -> list[float]:
+    """1.0 when the response (surrounding whitespace ignored) equals the answer AND ended on eos.
+
+    Checking eos matters: without it an answer followed by endless text is paid (DESIGN.md).
+    """
+    return [1.0 if done and resp.strip() == ans.strip() else 0.0
+            for resp, ans, done in zip(responses, answers, finished)]
+
+
+_INTEGER = re.compile(r"\s*-?\d+\s*")
+
+
+def format_reward(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
+                  ) -> list[float]:
+    """1.0 when the response is only an integer (digits, optional minus sign) then eos, whatever its value."""
+    return [1.0 if done and _INTEGER.fullmatch(resp) else 0.0 for resp, done in zip(responses, finished)]
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_reward}
+
+
+def _spec_error(spec: str, why: str) -> RewardFunctionError:
+    return RewardFunctionError(
+        f"reward function {spec!r}: {why}. Valid: a registry name {sorted(REWARD_FUNCTIONS)}, "
+        "'path/to/file.py:function' or 'package.module:function'")
+
+
+def _split_spec(spec: str) -> tuple[str, str]:
+    """``"dir/f.py:fn"`` -> ``("dir/f.py", "fn")``; rejects strings that are no valid spec."""
+    target, sep, fn_name = spec.rpartition(":")
+    if not sep or not target or not fn_name.isidentifier():
+        raise _spec_error(spec, "unknown name")
+    return target, fn_name
+
+
+def check_reward_spec(spec: str) -> str:
+    """Validate ``spec`` without running user code; a file path is made absolute (workers may chdir)."""
+    if spec in REWARD_FUNCTIONS:
+        return spec
+    target, fn_name = _split_spec(spec)
+    if target.endswith(".py"):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise _spec_error(spec, f"file {target} does not exist")
+        return f"{path}:{fn_name}"
+    return spec
+
+
+def load_reward_function(spec: str) -> RewardFn:
+    """The callable named by ``spec`` (imports or executes the user's file)."""
+    if spec in REWARD_FUNCTIONS:
+        return REWARD_FUNCTIONS[spec]
+    target, fn_name = _split_spec(spec)
+    if target.endswith(".py"):
+        path = Path(target).resolve()
+        module_name = "rlhf_ds_user_reward_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        module = sys.modules.get(module_name)
+        if module is None:
+            module_spec = importlib.util.spec_from_file_location(module_name, path)
+            if module_spec is None or module_spec.loader is None:
+                raise _spec_error(spec, f"cannot import {path}")
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_name] = module  # so that pickling and dataclasses inside the file work
+            module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        functions = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise _spec_error(spec, f"{target} defines no function {fn_name!r}; callables there: {functions}")
+    return fn
+
+
+def _short_names(functions: Sequence) -> list[str]:
+    """Names for stats keys: the registry name or the function name, made unique by an index suffix."""
+    names = []
+    for fn in functions:
+        name = fn if isinstance(fn, str) and fn in REWARD_FUNCTIONS else (
+            fn.rpartition(":")[2] if isinstance(fn, str) else getattr(fn, "__name__", "reward"))
+        names.append(name if name not in names else f"{name}_{len(names)}")
+    return names
+
+
+def _chunks(n: int, parts: int) -> list[range]:
+    """Split range(n) into ``parts`` contiguous, nearly equal, non-empty ranges (fewer if n < parts)."""
+    parts = max(1, min(parts, n))
+    bounds = [n * k // parts for k in range(parts + 1)]
+    return [range(bounds[k], bounds[k + 1]) for k in range(parts)]
+
+
+class RewardRunner:
+    """Evaluate reward functions in ``num_workers`` spawned processes and combine them with weights.
+
+    functions: registry names, ``path/file.py:fn`` / ``module:fn`` strings, or picklable callables.
+    weights: one per function (default all 1.0); the score of a sample is sum_f weight_f * score_f.
+    Each function's batch is cut into up to ``num_workers`` contiguous calls that run in parallel; a
+    failure or timeout affects only its own call. Workers start on the first call and stay warm;
+    ``close()`` (or ``with``) stops them. Safe to call from any thread (calls are serialised).
+    """
+
+    def __init__(self, functions: Sequence, weights: Sequence[float] | None = None, timeout_s: float = 10.0,
+                 failure_value: float = 0.0, num_workers: int = 2, start_timeout_s: float = 120.0):
+        if not functions:
+            raise ValueError("RewardRunner needs at least one reward function")
+        weights = [1.0] * len(functions) if weights is None or len(weights) == 0 else list(weights)
+        if len(weights) != len(functions):
+            raise ValueError(f"{len(weights)} reward weights for {len(functions)} functions "
+                             f"{list(functions)}")
+        if not all(math.isfinite(w) for w in weights) or not math.isfinite(failure_value):
+            raise ValueError(f"reward weights and failure_value must be finite: {weights}, {failure_value}")
+        if num_workers < 1 or timeout_s <= 0:
+            raise ValueError(f"num_workers must be >= 1 and timeout_s > 0, got {num_workers}, {timeout_s}")
+        self.functions = [check_reward_spec(f) if isinstance(f, str) else f for f in functions]
+        self.names = _short_names(functions)
+        self.weights = [float(w) for w in weights]
+        self.timeout_s, self.failure_value = float(timeout_s), float(failure_value)
+        self.num_workers, self.start_timeout_s = num_workers, start_timeout_s
+        self._workers: list[WorkerProcess] = []
+        self._lock = threading.Lock()
+        weakref.finalize(self, stop_workers, self._workers)  # also runs at interpreter exit
+
+    def __call__(self, prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
+                 ) -> tuple[list[float], dict[str, float]]:
+        """Scores [B] and stats: ``<name>/mean``, ``<name>/failures``, ``<name>/timeouts``, ``failures``,
+        ``timeouts`` (counts of calls, not samples)."""
+        n = len(prompts)
+        if not len(responses) == len(answers) == len(finished) == n:
+            raise ValueError(f"reward inputs differ in length: {n} prompts, {len(responses)} responses, "
+                             f"{len(answers)} answers, {len(finished)} finished flags")
+        args = (list(prompts), list(responses), list(answers), [bool(f) for f in finished])
+        chunks = _chunks(n, self.num_workers) if n else []
+        tasks = [(f, rows) for f in range(len(self.functions)) for rows in chunks]
+        with self._lock:
+            outcomes = self._run(tasks, args)
+        return self._combine(n, tasks, outcomes)
+
+    def _combine(self, n: int, tasks: list, outcomes: list) -> tuple[list[float], dict[str, float]]:
+        per_fn = [[self.failure_value] * n for _ in self.functions]
+        stats: dict[str, float] = {"failures": 0, "timeouts": 0}
+        for name in self.names:
+            stats[f"{name}/failures"] = stats[f"{name}/timeouts"] = 0
+        first_problem: dict[int, tuple[str, str]] = {}
+        for (f, rows), (kind, payload) in zip(tasks, outcomes):
+            name, spec = self.names[f], self.functions[f]
+            if kind == "ok":
+                if len(payload) != len(rows):
+                    raise RewardFunctionError(f"reward function {spec!r} returned {len(payload)} values "
+                                              f"for a batch of {len(rows)}")
+                bad = [i for i, v in enumerate(payload) if not math.isfinite(v)]
+                if bad:
+                    raise RewardFunctionError(f"reward function {spec!r} returned non-finite value "
+                                              f"{payload[bad[0]]} for sample {rows[bad[0]]}")
+                for i, v in zip(rows, payload):
+                    per_fn[f][i] = v
+            elif kind in ("load_error", "bad_return"):
+                raise RewardFunctionError(f"reward function {spec!r}: {payload}")
+            else:  # raised, crashed or timeout: the call's samples keep failure_value
+                counter = "timeouts" if kind == "timeout" else "failures"
+                stats[counter] += 1
+                stats[f"{name}/{counter}"] += 1
+                first_problem.setdefault(f, (kind, payload))
+        for f, (kind, payload) in first_problem.items():
+            logger.warning("reward function %r: %d call(s) failed and %d timed out this batch, scored %s; "
+                           "first problem (%s):\n%s", self.functions[f], stats[f"{self.names[f]}/failures"],
+                           stats[f"{self.names[f]}/timeouts"], self.failure_value, kind, payload)
+        for f, name in enumerate(self.names):
+            if n:
+                stats[f"{name}/mean"] = sum(per_fn[f]) / n
+        scores = [sum(w * per_fn[f][i] for f, w in enumerate(self.weights)) for i in range(n)]
+        return scores, stats
+
+    def _run(self, tasks: list, args: tuple) -> list:
+        """Run every task; returns one (kind, payload) outcome per task. Kills everything on error."""
+        outcomes: list = [None] * len(tasks)
+        pending = deque(range(len(tasks)))
+        if not tasks:
+            return outcomes
+        try:
+            while len(self._workers) < self.num_workers:
+                self._workers.append(WorkerProcess(self.start_timeout_s))
+            while pending or any(w.task is not None for w in self._workers):
+                for w in self._workers:
+                    if w.ready and w.task is None and pending:
+                        t = pending.popleft()
+                        f, rows = tasks[t]
+                        payload = (self.functions[f], tuple([a[i] for i in rows] for a in args))
+                        w.send(t, payload, self.timeout_s)
+                waiting = [w for w in self._workers if w.waiting]
+                delay = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
+                ready = wait_for_connections([w.conn for w in waiting], timeout=delay)
+                for k, w in enumerate(self._workers):
+                    if w.conn in ready:
+                        self._receive(k, outcomes)
+                    elif w.waiting and time.monotonic() >= w.deadline:
+                        self._expire(k, outcomes)
+        except BaseException:
+            self.close()
+            raise
+        return outcomes
+
+    def _receive(self, k: int, outcomes: list) -> None:
+        w = self._workers[k]
+        try:
+            message = w.conn.recv()
+        except (EOFError, OSError):  # the process died (os._exit, segfault, killed by the OS)
+            code = w.process.wait(timeout=10)
+            if w.task is None:
+                raise RuntimeError(f"reward worker exited with code {code} while starting")
+            outcomes[w.task] = ("crashed", f"worker process exited with code {code}")
+            self._replace(k)
+            return
+        if message[0] == "ready":
+            w.ready = True
+        else:
+            outcomes[w.task], w.task = message, None
+
+    def _expire(self, k: int, outcomes: list) -> None:
+        w = self._workers[k]
+        if not w.ready:
+            raise RuntimeError(f"reward worker did not start within {self.start_timeout_s} s")
+        outcomes[w.task] = ("timeout", f"no result after {self.timeout_s} s; worker killed")
+        self._replace(k)
+
+    def _replace(self, k: int) -> None:
+        self._workers[k].kill()
+        self._workers[k] = WorkerProcess(self.start_timeout_s)
+
+    def close(self) -> None:
+        """Stop the worker processes (the next call starts fresh ones)."""
+        stop_workers(self._workers)
+
+    def __enter__(self) -> "RewardRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

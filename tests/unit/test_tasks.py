@@ -1,0 +1,89 @@
+"""Synthetic arithmetic tasks: answers, splits, determinism, SFT view."""
+
+import re
+
+import numpy as np
+import pytest
+
+from rlhf_ds.data.tasks import HELDOUT_FRACTION, TASKS, generate_split, get_task, is_heldout, sft_examples
+from rlhf_ds.models.tiny import build_char_tokenizer
+
+
+def test_problem_format_and_answers_by_hand():
+    task = get_task("multiplication")
+    assert task.size == 900 * 9
+    assert task.record(0).prompt == "100*1=" and task.record(0).answer == "100"
+    # index = (a - 100) * 9 + (b - 1): 123*4 is index 23 * 9 + 3
+    record = task.record(23 * 9 + 3)
+    assert (record.prompt, record.answer) == ("123*4=", "492")
+    last = task.record(task.size - 1)
+    assert (last.prompt, last.answer) == ("999*9=", "8991")
+    add = get_task("addition")
+    assert add.record(0).prompt == "100+100=" and add.record(add.size - 1).answer == "1998"
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_record_is_correct_and_operands_have_the_right_digits(name):
+    task = TASKS[name]
+    pattern = re.compile(rf"(\d{{{task.digits_a}}})\{task.op}(\d{{{task.digits_b}}})=")
+    for record in generate_split(name, "train", 200, seed=0) + generate_split(name, "eval", 50, seed=0):
+        match = pattern.fullmatch(record.prompt)
+        assert match and match.group(1)[0] != "0" and match.group(2)[0] != "0", record.prompt
+        a, b = int(match.group(1)), int(match.group(2))
+        assert record.answer == str(a + b if task.op == "+" else a * b)
+        assert set(record.prompt + record.answer) <= set(task.alphabet)
+
+
+def test_splits_are_disjoint_and_cover_the_whole_space():
+    train = generate_split("addition_2d", "train", None, seed=4)
+    held_out = generate_split("addition_2d", "eval", None, seed=4)
+    train_p, eval_p = {r.prompt for r in train}, {r.prompt for r in held_out}
+    assert len(train_p) == len(train) and len(eval_p) == len(held_out)  # no duplicates
+    assert not train_p & eval_p
+    assert len(train_p) + len(eval_p) == 90 * 90
+    assert abs(len(eval_p) / 8100 - HELDOUT_FRACTION) < 0.02
+
+
+def test_heldout_set_does_not_depend_on_requested_sizes():
+    small = {r.prompt for r in generate_split("addition", "eval", 30, seed=2)}
+    big_train = {r.prompt for r in generate_split("addition", "train", 20_000, seed=2)}
+    assert not small & big_train
+    # Membership is a pure function of (index, seed): the same index never changes side.
+    idx = np.arange(5000)
+    assert np.array_equal(is_heldout(idx, 2), is_heldout(idx[::-1], 2)[::-1])
+    assert not np.array_equal(is_heldout(idx, 2), is_heldout(idx, 3))
+
+
+def test_same_seed_same_problems_other_seed_differs():
+    a = generate_split("multiplication", "train", 100, seed=0)
+    b = generate_split("multiplication", "train", 100, seed=0)
+    c = generate_split("multiplication", "train", 100, seed=1)
+    assert a == b and a != c
+
+
+def test_too_many_examples_and_bad_names():
+    with pytest.raises(ValueError, match="has only"):
+        generate_split("multiplication", "eval", 5000, seed=0)
+    with pytest.raises(ValueError, match=r"valid splits: \['train', 'eval'\]"):
+        generate_split("multiplication", "test", 10)
+    with pytest.raises(ValueError, match="valid tasks") as err:
+        get_task("subtraction")
+    assert all(name in str(err.value) for name in TASKS)
+
+
+def test_large_space_sampling_is_fast_and_distinct():
+    records = generate_split("addition_4d", "train", 2000, seed=0)  # 81 M problems: no full permutation
+    assert len({r.prompt for r in records}) == 2000
+
+
+def test_sft_view_tokenizes_to_prompt_answer_eos():
+    tok = build_char_tokenizer()
+    records = generate_split("multiplication", "train", 3, seed=0)
+    examples = sft_examples(records, tok.eos_token)
+    for record, example in zip(records, examples):
+        assert example.text == record.prompt + record.answer + "<eos>"
+        ids = tok(example.text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert tok.unk_token_id not in ids
+        assert len(ids) == 1 + len(record.prompt) + len(record.answer) + 1
+        assert tok.decode(ids, skip_special_tokens=True) == record.prompt + record.answer
