@@ -22,7 +22,8 @@ from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, 
                                    section, to_plain, yaml_dump, yaml_load)
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "validate",
-           "list_recipes", "DEFAULT_RECIPE", "POLICY_LOSS_HOMOGENEOUS", "GROUP_ESTIMATORS"]
+           "list_recipes", "DEFAULT_RECIPE", "POLICY_LOSS_HOMOGENEOUS", "GROUP_ESTIMATORS",
+           "TOKEN_REWARD_ESTIMATORS"]
 
 # ----------------------------------------------------------------------------- choices (declared once)
 
@@ -46,6 +47,8 @@ PolicyLoss = Literal[tuple(POLICY_LOSS_HOMOGENEOUS)]  # type: ignore[valid-type]
 
 # Estimators that normalise within the samples of one prompt: they need rollout.n >= 2.
 GROUP_ESTIMATORS = ("grpo", "grpo_no_std", "rloo", "reinforce_pp_baseline")
+# Estimators built on per-token rewards: only they can take the KL penalty inside the reward.
+TOKEN_REWARD_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "gae")
 # Reductions implemented by pre-scaling the advantage (DESIGN.md): every mode is, so a policy loss
 # that is not homogeneous in the advantage would be mis-scaled by any of them.
 PRESCALED_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
@@ -346,6 +349,10 @@ def _kl_rules(cfg: Config):
     if algo.kl_placement != "none" and not cfg.reference.model_path:
         yield (f"algo.kl_placement={algo.kl_placement!r} needs a reference model: set "
                f"reference.model_path (or algo.kl_placement=none)")
+    if algo.kl_placement == "reward" and algo.advantage_estimator not in TOKEN_REWARD_ESTIMATORS:
+        yield (f"algo.kl_placement='reward' needs per-token rewards, which "
+               f"algo.advantage_estimator={algo.advantage_estimator!r} has not; use one of "
+               f"{', '.join(TOKEN_REWARD_ESTIMATORS)} or algo.kl_placement=loss")
     if algo.adaptive_kl and algo.kl_placement == "none":
         yield "algo.adaptive_kl=true has no effect with algo.kl_placement='none'"
 

@@ -302,11 +302,24 @@ def test_dual_clip_is_zero_or_above_one(value, ok):
 
 @pytest.mark.parametrize("placement", ["loss", "reward"])
 def test_kl_placement_needs_reference(placement):
-    assert_rule([f"algo.kl_placement={placement}", "algo.kl_coef=0.1"],
+    estimator = "algo.advantage_estimator=reinforce_pp_baseline"
+    assert_rule([f"algo.kl_placement={placement}", "algo.kl_coef=0.1", estimator],
                 f"algo.kl_placement={placement!r} needs a reference model")
-    cfg = load(f"algo.kl_placement={placement}", "algo.kl_coef=0.1",
+    cfg = load(f"algo.kl_placement={placement}", "algo.kl_coef=0.1", estimator,
                "reference.model_path=tiny:llama-arith")
     assert cfg.needs_reference
+
+
+def test_kl_in_reward_needs_token_rewards():
+    from rlhf_ds.algo.advantages import TOKEN_REWARD_ESTIMATORS
+    from rlhf_ds.config import TOKEN_REWARD_ESTIMATORS as declared
+
+    assert declared == TOKEN_REWARD_ESTIMATORS
+    base = ["algo.kl_placement=reward", "algo.kl_coef=0.1", "reference.model_path=tiny:llama-arith"]
+    for estimator in ("grpo", "grpo_no_std", "rloo"):
+        assert_rule(base + [f"algo.advantage_estimator={estimator}"],
+                    "algo.kl_placement='reward' needs per-token rewards")
+    assert load(*base, "algo.advantage_estimator=reinforce_pp").needs_reference
 
 
 def test_adaptive_kl_needs_a_placement():
