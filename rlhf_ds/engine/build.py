@@ -1,0 +1,153 @@
+"""Build one role's DeepSpeed ZeRO-3 engine from an HF directory.
+
+Construction is pre-sharded: a live ``HfDeepSpeedConfig`` makes ``from_pretrained`` build the model
+inside ``deepspeed.zero.Init``, so no rank ever holds the whole model. Actor and reference are causal
+LMs; critic and reward are :class:`ValueModel` (backbone + scalar head). Trainable roles get AdamW
+(from the JSON's ``optimizer`` section) and, unless the JSON has its own ``scheduler`` section, a
+warmup + constant / linear / cosine schedule from the config tree. Inference roles (reference, reward)
+are ``deepspeed.initialize`` engines without an optimizer, as in OpenRLHF.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from rlhf_ds.engine import dist
+from rlhf_ds.engine.ds_config import TRAINABLE_ROLES, ROLES, role_ds_config, write_ds_config
+
+LR_SCHEDULES = ("constant", "linear", "cosine")
+CAUSAL_ROLES = ("actor", "reference")
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak lr for optimizer step ``step`` (0-based).
+
+    Warmup is linear from lr/warmup_steps (first update) to lr (update number warmup_steps); then
+    constant, or a linear / cosine decay reaching ``min_lr_ratio * lr`` at ``total_steps``.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule={schedule!r}; valid: {list(LR_SCHEDULES)}")
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        decay = 1.0 - progress
+    else:
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * decay
+
+
+def total_optimizer_steps(cfg: Any) -> int:
+    """Optimizer steps of a whole run: RL steps x epochs x mini-batches per rollout batch."""
+    sequences = cfg.data.prompts_per_step * cfg.rollout.n
+    return cfg.trainer.max_steps * cfg.algo.epochs * max(1, math.ceil(sequences / cfg.algo.mini_batch_size))
+
+
+@dataclass
+class RoleEngine:
+    """A role's engine and what was used to build it."""
+    role: str
+    engine: Any                      # deepspeed.DeepSpeedEngine
+    ds_config: dict
+    model_path: str
+    tokenizer: Any = None            # None when the directory has no tokenizer files
+    # transformers finds the ZeRO-3 switch through a weak reference to this object: keep it alive.
+    hf_ds_config: Any = field(default=None, repr=False)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def trainable(self) -> bool:
+        return self.role in TRAINABLE_ROLES
+
+    @property
+    def micro_batch_size(self) -> int:
+        return int(self.ds_config["train_micro_batch_size_per_gpu"])
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norm weights (1-D tensors), the usual AdamW practice."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def _load_model(role: str, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+    if role in CAUSAL_ROLES:
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    from rlhf_ds.models.value_model import ValueModel
+    # A causal-LM directory also loads: its backbone weights share the names, the head starts at zero.
+    return ValueModel.from_pretrained(model_path, dtype=dtype)
+
+
+def _load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
+                 output_dir: Optional[str] = None) -> RoleEngine:
+    """Engine of ``role`` (actor | critic | reference | reward) on this process's data-parallel group.
+
+    total_steps: optimizer steps the lr schedule spans (default: from the config tree);
+    output_dir: where ``ds_config_<role>.json`` is written (default ``cfg.trainer.output_dir``).
+    """
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    if role not in ROLES:
+        raise ValueError(f"role={role!r}; valid: {list(ROLES)}")
+    dist.init_distributed()
+    role_cfg = getattr(cfg, role)
+    ds_config = role_ds_config(cfg, role, dist.dp_size(), dist.has_gpu())
+    output_dir = cfg.trainer.output_dir if output_dir is None else output_dir
+    if output_dir and dist.dp_rank() == 0:
+        write_ds_config(ds_config, output_dir, role)
+
+    from rlhf_ds.models.tiny import resolve_model_path
+    model_path = resolve_model_path(role_cfg.model_path)
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
+    model = _load_model(role, model_path, dtype)
+
+    if role in TRAINABLE_ROLES:
+        if role_cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        scheduler = None
+        if "scheduler" not in ds_config:
+            steps = total_optimizer_steps(cfg) if total_steps is None else total_steps
+            scheduler = _scheduler_factory(role_cfg, steps)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, role_cfg.weight_decay),
+                                          config=ds_config, lr_scheduler=scheduler)
+        engine.train()
+    else:
+        model.requires_grad_(False)
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+        engine.eval()
+    return RoleEngine(role=role, engine=engine, ds_config=ds_config, model_path=model_path,
+                      tokenizer=_load_tokenizer(role_cfg.tokenizer_path or model_path), hf_ds_config=hf_ds_config)
+
+
+def _scheduler_factory(role_cfg: Any, total_steps: int):
+    """DeepSpeed builds the optimizer, so hand it a callable that wraps the optimizer in LambdaLR."""
+    def make(optimizer):
+        def factor(step: int) -> float:
+            return lr_factor(step, schedule=role_cfg.lr_schedule, warmup_steps=role_cfg.warmup_steps,
+                             total_steps=total_steps, min_lr_ratio=role_cfg.min_lr_ratio)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return make
+

@@ -1,0 +1,98 @@
+"""Device and process-group setup: the one place that knows whether we run on a GPU or on CPU.
+
+On a machine without CUDA we follow the CPU recipe: DeepSpeed's CPU accelerator, the gloo backend,
+and no shared-memory comm op (DeepSpeed would compile it, ~70 s, for a speed-up gloo does not need).
+The data-parallel group of a role is torch.distributed's default group (one group per process).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from datetime import timedelta
+
+import torch
+import torch.distributed as torch_dist
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _prepare_accelerator_env() -> None:
+    # DeepSpeed picks its accelerator lazily on first use; the variable must be set before that.
+    if not has_gpu():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+_prepare_accelerator_env()
+
+
+def get_device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if has_gpu():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def backend_name() -> str:
+    return "nccl" if has_gpu() else "gloo"
+
+
+def _skip_shm_comm_build() -> None:
+    # Patch the module object DeepSpeed calls through: `import deepspeed.comm.torch as m` can bind the
+    # `torch` attribute of deepspeed.comm instead, which is a different module.
+    import deepspeed.comm  # noqa: F401  (registers deepspeed.comm.torch in sys.modules)
+    import deepspeed.comm.torch  # noqa: F401
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def init_distributed(timeout_s: float = 1800.0) -> None:
+    """Join the process group described by the launcher environment (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT, LOCAL_RANK). Idempotent. A process started without that environment becomes a
+    single-rank group."""
+    import deepspeed
+
+    if has_gpu():
+        torch.cuda.set_device(get_device())
+    else:
+        _skip_shm_comm_build()
+    # torch deprecates the collective names DeepSpeed still calls, once per call site and rank.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    deepspeed.init_distributed(dist_backend=backend_name(), timeout=timedelta(seconds=timeout_s),
+                               verbose=False)
+
+
+def dp_rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_initialized() else 0
+
+
+def dp_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_initialized() else 1
+
+
+def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce over the data-parallel group; a no-op without one. op: sum | max | min."""
+    ops = {"sum": torch_dist.ReduceOp.SUM, "max": torch_dist.ReduceOp.MAX, "min": torch_dist.ReduceOp.MIN}
+    if op not in ops:
+        raise ValueError(f"all_reduce_: op={op!r}; valid: {sorted(ops)}")
+    if dp_size() > 1:
+        torch_dist.all_reduce(tensor, op=ops[op])
+    return tensor
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one rank."""
+    t = torch.tensor([1.0 if flag else 0.0], device=get_device())
+    return bool(all_reduce_(t, "max").item() > 0)
+
+
+def max_over_ranks(value: int) -> int:
+    t = torch.tensor([float(value)], device=get_device())
+    return int(all_reduce_(t, "max").item())

@@ -1,0 +1,72 @@
+"""Full parameters out of a ZeRO-3 model, a piece at a time.
+
+Each rank holds 1/dp of every parameter. Export and weight sync need full tensors, but never the whole
+model at once (a 70B model does not fit on one device): parameters are gathered per module, or in
+buckets of at most ``bucket_bytes``, inside ``deepspeed.zero.GatheredParameters``, and yielded as CPU
+copies (or device copies) before the next piece is gathered. Every rank must iterate the generator to
+the end: the gathers are collective.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+
+def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
+             ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    bucket, size = [], 0
+    for name, param in named:
+        nbytes = _full_numel(param) * param.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, param))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def _full_numel(param: torch.nn.Parameter) -> int:
+    return int(param.ds_numel) if hasattr(param, "ds_numel") else param.numel()
+
+
+def _per_module(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+    seen: set[int] = set()
+    for prefix, sub in module.named_modules():
+        own = [(f"{prefix}.{n}" if prefix else n, p) for n, p in sub.named_parameters(recurse=False)
+               if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if own:
+            yield own
+
+
+def iter_full_params(module: torch.nn.Module, *, bucket_bytes: Optional[int] = None,
+                     to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor)`` for every parameter of ``module`` (tied parameters once).
+
+    bucket_bytes: None -> one gather per module; else gather consecutive parameters in groups of at most
+    this many bytes (a parameter larger than the bucket is gathered alone).
+    """
+    import deepspeed
+
+    if bucket_bytes is None:
+        groups = _per_module(module)
+    else:
+        groups = _buckets(list(module.named_parameters()), bucket_bytes)
+    for group in groups:
+        params = [p for _, p in group]
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            copies = [(name, p.data.detach().to("cpu", copy=True) if to_cpu else p.data.detach().clone())
+                      for name, p in group]
+        yield from copies
+
+
+def full_state_dict(module: torch.nn.Module, bucket_bytes: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """All parameters and persistent buffers as full CPU tensors (for export on one rank)."""
+    state = dict(iter_full_params(module, bucket_bytes=bucket_bytes))
+    param_names = set(dict(module.named_parameters(remove_duplicate=False)))
+    for name, buf in module.state_dict().items():
+        if name not in param_names and name not in state:
+            state[name] = buf.detach().to("cpu", copy=True)
+    return state

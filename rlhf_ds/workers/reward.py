@@ -1,0 +1,34 @@
+"""The reward model: one scalar score per sequence, read at its last real token."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from rlhf_ds.batch import Experience
+from rlhf_ds.engine import dist
+from rlhf_ds.engine.build import RoleEngine, build_engine
+from rlhf_ds.workers.common import in_micro_batches, last_token_index, model_inputs
+
+
+class RewardWorker:
+    role = "reward"
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.model: Optional[RoleEngine] = None
+
+    def init_model(self) -> None:
+        self.model = build_engine(self.cfg, self.role)
+
+    @torch.no_grad()
+    def compute_scores(self, exp: Experience) -> torch.Tensor:
+        """[B] float32 scores: the value head at each sequence's last real token, on CPU."""
+        device = dist.get_device()
+
+        def one(piece: Experience) -> torch.Tensor:
+            values = self.model.engine(**model_inputs(piece, device)).float()      # [b, P+R]
+            index = last_token_index(piece).to(device)
+            return values.gather(1, index.unsqueeze(1)).squeeze(1)
+
+        return in_micro_batches(one, exp, self.model.micro_batch_size)

@@ -1,0 +1,191 @@
+"""Functions run on every rank of a spawned gloo group (see _launch.run_ranks). Each builds its engines
+once and runs many cases; results are plain tensors / floats, returned from rank 0 unless noted."""
+from __future__ import annotations
+
+import torch
+from deepspeed.utils import safe_get_full_grad
+
+import _reference as ref
+from rlhf_ds.algo import scale_advantages, token_weights
+from rlhf_ds.batch import Experience
+from rlhf_ds.config import load_config
+from rlhf_ds.engine import dist
+from rlhf_ds.engine.build import build_engine
+from rlhf_ds.engine.step import accumulate_gradients, discard_gradients
+from rlhf_ds.workers.actor import actor_loss
+from rlhf_ds.workers.critic import critic_loss
+
+
+def make_config(model_dir: str, output_dir: str, value_dir: str = "", lr: float = 1e-3, extra=()):
+    world = dist.dp_size()
+    overrides = [f"actor.model_path={model_dir}", f"reference.model_path={model_dir}",
+                 f"actor.num_ranks={world}", "actor.micro_batch_size=2", "algo.mini_batch_size=8",
+                 "data.prompts_per_step=4", "rollout.n=2", f"actor.lr={lr}", "actor.weight_decay=0.01",
+                 "algo.kl_placement=loss", f"algo.kl_coef={ref.KL_COEF}", "algo.kl_estimator=k3",
+                 f"algo.entropy_coef={ref.ENTROPY_COEF}", f"algo.clip_low={ref.CLIP_LOW}",
+                 f"algo.clip_high={ref.CLIP_HIGH}", f"algo.dual_clip={ref.DUAL_CLIP}",
+                 f"algo.value_clip={ref.VALUE_CLIP}", f"algo.value_loss_coef={ref.VALUE_COEF}",
+                 "rollout.temperature=1.0", f"trainer.output_dir={output_dir}", "trainer.max_steps=10",
+                 *extra]
+    if value_dir:
+        overrides += [f"critic.model_path={value_dir}", f"critic.num_ranks={world}", "critic.micro_batch_size=2",
+                      f"critic.lr={lr}"]
+    return load_config(None, overrides)
+
+
+def my_shard(exp: Experience) -> Experience:
+    size = len(exp) // dist.dp_size()
+    return exp.select(slice(dist.dp_rank() * size, (dist.dp_rank() + 1) * size))
+
+
+def with_mode(exp: Experience, mode: str, micro: int) -> Experience:
+    if exp.advantages is None:  # critic batch: only the token weights
+        return exp.replace(token_weights=token_weights(exp.response_mask, mode, group_ids=exp.group_ids,
+                                                       micro_batch_size=micro, max_seq_len=ref.MAX_SEQ_LEN))
+    scaled, weights = scale_advantages(exp.advantages, exp.response_mask, mode, group_ids=exp.group_ids,
+                                       micro_batch_size=micro, max_seq_len=ref.MAX_SEQ_LEN)
+    return exp.replace(advantages=scaled, token_weights=weights)
+
+
+def full_grads(module) -> dict[str, torch.Tensor]:
+    return {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in module.named_parameters()}
+
+
+def grads_of(role_engine, loss_fn, exp: Experience, micro: int, dp_scale: bool = True) -> dict:
+    """Accumulate one mini-batch (our semantics, or DeepSpeed's default for the negative control),
+    read the full gradients, then drop them so the next case starts from the same parameters."""
+    engine, pieces = role_engine.engine, my_shard(exp).chunk(micro)
+    if dp_scale:
+        accumulate_gradients(engine, pieces, loss_fn, dp_size=dist.dp_size())
+    else:
+        for index, piece in enumerate(pieces):
+            engine.set_gradient_accumulation_boundary(index == len(pieces) - 1)
+            engine.backward(loss_fn(piece)[0])          # default: / accumulation steps, ranks averaged
+    grads = full_grads(role_engine.module)
+    discard_gradients(engine)
+    return grads
+
+
+def gradient_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experience, critic_exp: Experience,
+                 modes: list, micros: list) -> dict:
+    cfg = make_config(model_dir, out_dir, value_dir)
+    device = dist.get_device()
+    actor, critic = build_engine(cfg, "actor"), build_engine(cfg, "critic")
+    actor_fn = lambda mb: actor_loss(actor.engine, mb, cfg.algo, kl_coef=ref.KL_COEF, temperature=1.0,  # noqa: E731
+                                     device=device)
+    critic_fn = lambda mb: critic_loss(critic.engine, mb, cfg.algo, device=device)  # noqa: E731
+    results = {}
+    for mode in modes:
+        for micro in micros:
+            results[("actor", mode, micro)] = grads_of(actor, actor_fn, with_mode(actor_exp, mode, micro), micro)
+    results[("actor_ds_default", "token_mean", 2)] = grads_of(
+        actor, actor_fn, with_mode(actor_exp, "token_mean", 2), 2, dp_scale=False)
+    for micro in micros:
+        results[("critic", "token_mean", micro)] = grads_of(
+            critic, critic_fn, with_mode(critic_exp, "token_mean", micro), micro)
+    return results if dist.dp_rank() == 0 else {}
+
+
+def optimizer_snapshot(engine) -> list:
+    """This rank's fp32 master partitions and their Adam state (exp_avg, exp_avg_sq, step)."""
+    opt = engine.optimizer
+    snap = []
+    for flat in opt.fp32_partitioned_groups_flat:
+        state = opt.optimizer.state.get(flat, {})
+        snap.append((flat.detach().clone(), {k: torch.as_tensor(v).clone() for k, v in state.items()}))
+    return snap
+
+
+def same_snapshot(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for (pa, sa), (pb, sb) in zip(a, b):
+        if not torch.equal(pa, pb) or set(sa) != set(sb):
+            return False
+        if not all(torch.equal(sa[k], sb[k]) for k in sa):
+            return False
+    return True
+
+
+def all_ranks_true(flag: bool) -> bool:
+    return not dist.any_rank(not flag)
+
+
+def same_params(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def state_job(model_dir: str, out_dir: str, exp1: Experience, exp2: Experience) -> dict:
+    """Skip on NaN, checkpoint round trip, resume equivalence and export, on one set of engines."""
+    from rlhf_ds.workers.actor import ActorWorker
+
+    cfg = make_config(model_dir, out_dir, lr=1e-2)
+    rank, world = dist.dp_rank(), dist.dp_size()
+    exp1, exp2 = with_mode(exp1, "token_mean", 2), with_mode(exp2, "token_mean", 2)
+    out = {}
+    first = ActorWorker(cfg)
+    first.init_model()
+    params0, opt0 = dict(first.weights()), optimizer_snapshot(first.engine)
+    poisoned = my_shard(exp1)
+    if rank == world - 1:  # NaN on one rank only
+        advantages = poisoned.advantages.clone()
+        advantages[1, 0] = float("nan")  # a real token of row 1
+        poisoned = poisoned.replace(advantages=advantages)
+    out["skip_metrics"] = first.train_minibatch(poisoned, world)
+    out["unchanged_after_skip"] = all_ranks_true(same_params(dict(first.weights()), params0)
+                                                 and same_snapshot(optimizer_snapshot(first.engine), opt0))
+    out["step1_metrics"] = first.train_minibatch(my_shard(exp1), world)
+    params1 = dict(first.weights())
+    out["changed_after_step"] = not same_params(params1, params0)
+
+    # An uninterrupted engine that never saw the skipped step lands on the same parameters.
+    clean = ActorWorker(cfg)
+    clean.init_model()
+    clean.train_minibatch(my_shard(exp1), world)
+    out["skip_left_no_trace"] = all_ranks_true(same_params(dict(clean.weights()), params1))
+
+    ckpt = f"{out_dir}/ckpt"
+    first.save_checkpoint(ckpt, {"rl_step": 7})
+    opt1 = optimizer_snapshot(first.engine)
+    first.train_minibatch(my_shard(exp2), world)
+    params2 = dict(first.weights())
+    first.export_hf(f"{out_dir}/export")
+    with torch.no_grad():
+        out["logits"] = first.engine(input_ids=exp2.input_ids, attention_mask=exp2.attention_mask,
+                                     position_ids=exp2.position_ids).logits.cpu()
+
+    resumed = ActorWorker(cfg)
+    resumed.init_model()
+    out["client_state"] = {k: v for k, v in resumed.load_checkpoint(ckpt).items() if k == "rl_step"}
+    out["params_restored"] = all_ranks_true(same_params(dict(resumed.weights()), params1))
+    out["optimizer_restored"] = all_ranks_true(same_snapshot(optimizer_snapshot(resumed.engine), opt1))
+    resumed.train_minibatch(my_shard(exp2), world)
+    out["resumed_step_matches"] = all_ranks_true(same_params(dict(resumed.weights()), params2))
+    out["params2"] = params2
+    return out if rank == 0 else {}
+
+
+def forward_job(model_dir: str, value_dir: str, out_dir: str, exp: Experience) -> dict:
+    """Every role's micro-batched forward on the full batch (each rank computes all rows)."""
+    from rlhf_ds.workers.actor import ActorWorker
+    from rlhf_ds.workers.critic import CriticWorker
+    from rlhf_ds.workers.reference import ReferenceWorker
+    from rlhf_ds.workers.reward import RewardWorker
+
+    cfg = make_config(model_dir, out_dir, value_dir,
+                      extra=[f"reward.model_path={value_dir}", "reward.use_model=true", "reward.micro_batch_size=3",
+                             "reference.micro_batch_size=3", "rollout.temperature=0.7"])
+    out = {}
+    for name, cls in (("actor", ActorWorker), ("critic", CriticWorker), ("reference", ReferenceWorker),
+                      ("reward", RewardWorker)):
+        worker = cls(cfg)
+        worker.init_model()
+        if name == "actor":
+            out["actor"] = worker.compute_logprobs(exp, with_entropy=True)
+        elif name == "critic":
+            out["critic"] = worker.compute_values(exp)
+        elif name == "reference":
+            out["reference"] = worker.compute_logprobs(exp)
+        else:
+            out["reward"] = worker.compute_scores(exp)
+    return out
