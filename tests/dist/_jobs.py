@@ -151,8 +151,9 @@ def state_job(model_dir: str, out_dir: str, exp1: Experience, exp2: Experience) 
     params2 = dict(first.weights())
     first.export_hf(f"{out_dir}/export")
     with torch.no_grad():
-        out["logits"] = first.engine(input_ids=exp2.input_ids, attention_mask=exp2.attention_mask,
-                                     position_ids=exp2.position_ids).logits.cpu()
+        on_device = exp2.to(dist.get_device())
+        out["logits"] = first.engine(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
+                                     position_ids=on_device.position_ids).logits.cpu()
 
     resumed = ActorWorker(cfg)
     resumed.init_model()
