@@ -7,6 +7,7 @@ The data-parallel group of a role is torch.distributed's default group (one grou
 from __future__ import annotations
 
 import os
+import re
 import sys
 import warnings
 from datetime import timedelta
@@ -23,6 +24,11 @@ def _prepare_accelerator_env() -> None:
     # DeepSpeed picks its accelerator lazily on first use; the variable must be set before that.
     if not has_gpu():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed 0.19's JIT op builder (FusedAdam) cannot parse arch names with a feature suffix such as
+    # "9.0a" (set by some CUDA images) and fails the engine build; the plain arch builds the same kernels.
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch_list:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d+\.\d+)[a-z]\b", r"\1", arch_list)
 
 
 _prepare_accelerator_env()
