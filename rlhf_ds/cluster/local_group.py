@@ -1,0 +1,70 @@
+"""Local role groups for the deepspeed launcher (SPMD): the same verbs as :class:`RoleGroup`.
+
+Under ``deepspeed -m rlhf_ds.cli train ...`` every process runs the whole controller. Each process is
+rank ``r`` of every role (the roles share the world group); a dispatched batch, identical on every rank,
+is cut exactly as the Ray group cuts it, each rank works on shard ``r``, and the shard results are
+all-gathered so every rank continues with the full result and takes the same controller decisions.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch.distributed as dist
+
+from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_gather(value: Any) -> list:
+    rank, world = _world()
+    if world == 1:
+        return [value]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+class _Done:
+    """Already computed result, shaped like the Ray group's ``Pending``."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def get(self) -> Any:
+        return self.value
+
+
+class LocalGroup:
+    """This process's rank of one role; results are all-gathered so every rank sees them all."""
+
+    def __init__(self, role: str, worker_cls: type, *, worker_args: Sequence = (),
+                 worker_kwargs: dict | None = None):
+        self.role = role
+        self.rank, self.num_ranks = _world()
+        self.worker = worker_cls(*worker_args, **dict(worker_kwargs or {}))
+
+    def run_all(self, method: str, *args, **kwargs) -> list:
+        return _all_gather(getattr(self.worker, method)(*args, **kwargs))
+
+    def run_all_async(self, method: str, *args, **kwargs) -> _Done:
+        return _Done(self.run_all(method, *args, **kwargs))
+
+    def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:
+        shard = split_by_rank(batch, self.num_ranks, even=even)[self.rank]
+        gathered = _all_gather(getattr(self.worker, method)(shard, *args, **kwargs))
+        return concat_results(gathered) if concat else gathered
+
+    def dispatch_async(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True,
+                       **kwargs) -> _Done:
+        return _Done(self.dispatch(method, batch, *args, even=even, concat=concat, **kwargs))
+
+    def apply_all(self, fn: Callable, *args, **kwargs) -> list:
+        return _all_gather(fn(self.worker, self.rank, *args, **kwargs))
+
+    def shutdown(self) -> None:
+        self.worker = None

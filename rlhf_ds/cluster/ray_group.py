@@ -1,0 +1,207 @@
+"""Ray role groups: one Ray actor per rank, the ranks of a role forming their own torch.distributed world.
+
+The workers are plain classes (``rlhf_ds.workers``, ``rlhf_ds.rollout``); Ray is applied here, once, by
+hosting each worker object inside a generic :class:`RankHost` actor. Rank 0 publishes its node address
+and a free port; every rank gets ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE`` in its
+environment before the worker is built, so the worker's own ``init_distributed`` forms the role's group.
+
+Results are collected with ``ray.wait`` rather than ``ray.get`` in rank order: when one rank fails, the
+others are usually blocked in a collective with it, and waiting on them first would hang the driver.
+The first failure is raised at once as :class:`WorkerFailure` naming the role, the rank and the error.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from typing import Any, Callable, Sequence
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
+from rlhf_ds.cluster.placement import PlacementPlan
+
+
+class WorkerFailure(RuntimeError):
+    """A rank of a role group raised or died; carries the role, the rank and the worker's own error."""
+
+    def __init__(self, role: str, rank: int, cause: BaseException):
+        self.role, self.rank, self.cause = role, rank, cause
+        super().__init__(f"role {role!r} rank {rank} failed: {_describe(cause)}")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, ray.exceptions.RayTaskError):
+        # str() of a RayTaskError holds the remote traceback, which ends with the worker's own error.
+        return _ANSI.sub("", str(err)).strip()
+    if isinstance(err, ray.exceptions.RayActorError):
+        return f"the worker process died ({err})"
+    return f"{type(err).__name__}: {err}"
+
+
+class RankHost:
+    """Hosts one plain worker object of one rank inside a Ray actor process."""
+
+    def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
+        os.environ.update(env)
+        self.role, self.rank, self.world_size = role, rank, world_size
+        self.worker = None
+
+    def address(self) -> tuple[str, int]:
+        """This node's IP and a free TCP port, for the rendezvous of the role's process group."""
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def init_worker(self, worker_cls: type, master_addr: str, master_port: int,
+                    args: tuple, kwargs: dict) -> None:
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        # Ray gives each actor only its own GPU (CUDA_VISIBLE_DEVICES), so the local device is always 0.
+        self.worker = worker_cls(*args, **kwargs)
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+        # Large arguments (weight buckets) travel as object refs: fetched here, from shared memory.
+        args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
+        return getattr(self.worker, method)(*args, **kwargs)
+
+    def apply(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``fn(worker, rank, *args, **kwargs)`` here (for work that must stay in the rank's process)."""
+        return fn(self.worker, self.rank, *args, **kwargs)
+
+
+RemoteRankHost = ray.remote(RankHost)
+
+
+class Pending:
+    """Futures of one fan-out call; ``get()`` returns the per-rank results (or their concatenation)."""
+
+    def __init__(self, group: "RoleGroup", futures: list, concat: bool):
+        self.group, self.futures, self.concat = group, futures, concat
+
+    def get(self) -> Any:
+        results = self.group._wait(self.futures)
+        return concat_results(results) if self.concat else results
+
+
+class RoleGroup:
+    """The ranks of one role as Ray actors, with two fan-out verbs.
+
+    - ``run_all(method, *args)``: the same arguments to every rank; returns the list of rank results.
+    - ``dispatch(method, batch, *args)``: rows split into equal contiguous shards by rank; the rank
+      results are concatenated back in order.
+    Both have ``*_async`` forms returning a :class:`Pending`, so the driver can overlap roles.
+    """
+
+    def __init__(self, role: str, worker_cls: type, plan: PlacementPlan, pools: dict[str, PlacementGroup],
+                 *, use_gpu: bool, cpus_per_worker: float, worker_args: Sequence = (),
+                 worker_kwargs: dict | None = None, env: dict[str, str] | None = None):
+        self.role = role
+        placement = plan.roles[role]
+        resources = plan.rank_resources(role, use_gpu, cpus_per_worker)
+        self.num_ranks = len(placement.bundle_indices)
+        env = dict(env or {})
+        self.handles = [
+            RemoteRankHost.options(
+                **resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=pools[placement.pool], placement_group_bundle_index=bundle),
+            ).remote(role, rank, self.num_ranks, env)
+            for rank, bundle in enumerate(placement.bundle_indices)
+        ]
+        master_addr, master_port = self._wait([self.handles[0].address.remote()])[0]
+        self._wait([h.init_worker.remote(worker_cls, master_addr, master_port, tuple(worker_args),
+                                         dict(worker_kwargs or {})) for h in self.handles])
+
+    # -- fan-out verbs -------------------------------------------------------------------------------
+    def run_all_async(self, method: str, *args, **kwargs) -> Pending:
+        return Pending(self, [h.call.remote(method, args, kwargs) for h in self.handles], concat=False)
+
+    def run_all(self, method: str, *args, **kwargs) -> list:
+        return self.run_all_async(method, *args, **kwargs).get()
+
+    def dispatch_async(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True,
+                       **kwargs) -> Pending:
+        """``concat=False`` returns the list of rank results (e.g. metrics already combined by the ranks)."""
+        shards = split_by_rank(batch, self.num_ranks, even=even)
+        futures = [h.call.remote(method, (shard,) + args, kwargs) for h, shard in zip(self.handles, shards)]
+        return Pending(self, futures, concat=concat)
+
+    def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:
+        return self.dispatch_async(method, batch, *args, even=even, concat=concat, **kwargs).get()
+
+    def apply_all(self, fn: Callable, *args, **kwargs) -> list:
+        """``fn(worker, rank, *args, **kwargs)`` on every rank, in the rank's own process."""
+        return self._wait([h.apply.remote(fn, args, kwargs) for h in self.handles])
+
+    # -- failure handling ----------------------------------------------------------------------------
+    def _wait(self, futures: list) -> list:
+        rank_of = {ref: rank for rank, ref in enumerate(futures)}
+        results: list = [None] * len(futures)
+        pending = list(futures)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - re-raised with the role and rank
+                    raise WorkerFailure(self.role, rank_of[ref], err) from None
+        return results
+
+    def shutdown(self) -> None:
+        for handle in self.handles:
+            ray.kill(handle, no_restart=True)
+
+
+def create_pools(plan: PlacementPlan, *, use_gpu: bool, cpus_per_worker: float,
+                 timeout_s: float = 120.0) -> dict[str, PlacementGroup]:
+    """Create (and wait for) one placement group per pool; a pool that cannot fit fails with its needs."""
+    bundle = plan.bundle(use_gpu, cpus_per_worker)
+    pools = {name: placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
+             for name, size in plan.pool_sizes.items()}
+    for name, pg in pools.items():
+        ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+        if not ready:
+            raise RuntimeError(
+                f"placement group {name!r} ({plan.pool_sizes[name]} x {bundle}) could not be placed within "
+                f"{timeout_s:.0f} s; the cluster offers {ray.cluster_resources()}. Lower the roles' "
+                f"num_ranks / rollout.num_engines, set cluster.colocate=true, or lower cluster.cpus_per_worker")
+    return pools
+
+
+def remove_pools(pools: dict[str, PlacementGroup]) -> None:
+    for pg in pools.values():
+        remove_placement_group(pg)
+
+
+def start_ray(address: str, num_cpus_needed: float) -> bool:
+    """Join ``address`` (or ``$RAY_ADDRESS``), or start a local Ray; returns True when started here.
+
+    A local Ray is given at least as many logical CPUs as the placement needs: a Ray CPU is a scheduling
+    token, not a thread; each worker runs one OpenMP thread whatever its fractional share.
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    num_cpus = max(os.cpu_count() or 1, int(-(-num_cpus_needed // 1)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+             runtime_env={"env_vars": worker_env()})
+    return True
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every worker process starts with (one thread each: 2 cores are shared by all)."""
+    env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if "DS_ACCELERATOR" in os.environ:
+        env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
+    return env

@@ -1,0 +1,1 @@
+"""The RL loop, the SFT warm start, logging and run checkpoints."""

@@ -1,0 +1,135 @@
+"""What a run shows and leaves behind.
+
+- a tqdm progress bar over steps (with ETA) and a one-line summary per logged step;
+- ``OUTPUT_DIR/metrics.jsonl``: one JSON object per step, ``step`` plus every reduced metric;
+- TensorBoard events in ``OUTPUT_DIR/tensorboard``;
+- at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses) and ``OUTPUT_DIR/summary.json``
+  with the first and last held-out evaluation.
+
+A resumed run keeps the lines of steps up to the checkpoint and drops later ones (they were computed by
+the interrupted run after its last checkpoint and are about to be recomputed).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Optional
+
+from tqdm import tqdm
+
+EVAL_KEY = "eval/accuracy"
+# The summary line: (metric, short label); absent metrics are left out.
+_SUMMARY = (("reward/mean", "reward"), (EVAL_KEY, "eval"), ("actor/policy_loss", "pg_loss"),
+            ("actor/kl_loss", "kl"), ("critic/value_loss", "v_loss"), ("actor/grad_norm", "gnorm"),
+            ("response/length", "len"), ("timing/step_s", "s"))
+_PLOTS = (("reward/mean", "reward (train samples)"), (EVAL_KEY, "held-out accuracy (greedy)"),
+          ("actor/policy_loss", "actor policy loss"), ("critic/value_loss", "critic value loss"),
+          ("actor/kl_loss", "KL loss"), ("actor/entropy", "entropy"))
+
+
+def read_metrics(path: str, up_to_step: Optional[int] = None) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
+
+
+def summary_line(step: int, max_steps: int, metrics: dict) -> str:
+    parts = [f"step {step}/{max_steps}"]
+    for key, label in _SUMMARY:
+        if key in metrics:
+            parts.append(f"{label} {metrics[key]:.4g}")
+    stages = {k[len("timing/"):-2]: v for k, v in metrics.items()
+              if k.startswith("timing/") and k not in ("timing/step_s", "timing/eval_s")}
+    total = metrics.get("timing/step_s") or sum(stages.values()) or 1.0
+    top = sorted(stages.items(), key=lambda kv: -kv[1])[:3]
+    if top:
+        parts.append("(" + " ".join(f"{name} {100 * v / total:.0f}%" for name, v in top) + ")")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """``main=False`` (SPMD ranks other than 0) reads the history, so every rank takes the same
+    decisions from it, but writes and prints nothing."""
+
+    def __init__(self, output_dir: str, max_steps: int, start_step: int = 0, log_interval: int = 1,
+                 show_progress: bool = True, main: bool = True):
+        self.output_dir, self.max_steps, self.log_interval = output_dir, max_steps, log_interval
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        # A fresh run (start_step 0) starts a fresh file, even in an output_dir used before.
+        self.history = read_metrics(self.path, up_to_step=start_step) if start_step > 0 else []
+        self.main = main
+        self.started = time.time()
+        if not main:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(output_dir, exist_ok=True)
+        with open(self.path, "w", encoding="utf-8") as f:   # rewrite: drop steps after the checkpoint
+            f.writelines(json.dumps(row) + "\n" for row in self.history)
+        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True,
+                        disable=not show_progress)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if not self.main:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in metrics.items():
+            if math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.bar.update(step - self.bar.n)
+        if step % self.log_interval == 0 or step == self.max_steps:
+            tqdm.write(summary_line(step, self.max_steps, metrics))
+
+    def evals(self) -> list[tuple[int, float]]:
+        return [(r["step"], r[EVAL_KEY]) for r in self.history if EVAL_KEY in r]
+
+    def finish(self, extra: Optional[dict] = None) -> dict:
+        evals = self.evals()
+        summary = {"steps": self.history[-1]["step"] if self.history else 0,
+                   "wall_time_s": round(time.time() - self.started, 1), **(extra or {})}
+        if evals:
+            summary.update(first_eval={"step": evals[0][0], "accuracy": evals[0][1]},
+                           last_eval={"step": evals[-1][0], "accuracy": evals[-1][1]},
+                           eval_gain=evals[-1][1] - evals[0][1])
+        if not self.main:
+            return summary
+        self.bar.close()
+        self.tb.close()
+        with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2)
+        plot_curves(self.history, os.path.join(self.output_dir, "curves.png"))
+        return summary
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """One panel per available curve of ``_PLOTS`` (matplotlib Agg: no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(key, title) for key, title in _PLOTS if any(key in r for r in history)]
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        points = [(r["step"], r[key]) for r in history if key in r]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key == EVAL_KEY else None)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

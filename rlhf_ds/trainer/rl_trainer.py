@@ -1,0 +1,235 @@
+"""The RL loop (GRPO, PPO and the other estimators) as a short sequence of named, timed stages.
+
+    prompts -> rollout -> rewards -> old / reference log-probs, values -> advantages
+            -> for each epoch and mini-batch: scale advantages on the whole mini-batch, train actor
+               (and critic) -> weight sync -> metrics -> log, evaluate, save
+
+The driver owns the batch; role groups (Ray actors or this process's SPMD rank) do the model work.
+Metrics returned by ``train_minibatch`` are already combined over the role's data-parallel ranks by
+kind, so every rank returns the same dict and rank 0's is taken; mini-batches are then averaged
+(``reduce_metrics_across_minibatches``).
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Any, Optional
+
+import torch
+
+from rlhf_ds.algo import (compute_advantages, kl_penalty, make_kl_controller,
+                          reduce_metrics_across_minibatches, scale_advantages)
+from rlhf_ds.batch import Experience
+from rlhf_ds.config import Config
+from rlhf_ds.data.prompts import PromptLoader, PromptRecord
+from rlhf_ds.rollout.base import SamplingParams, build_experience
+from rlhf_ds.trainer import checkpoint, scoring
+from rlhf_ds.trainer.logging import RunLogger
+
+# Rollout seeds: a fixed function of (seed, step), so a resumed run draws what the uninterrupted one did.
+_STEP_SEED_STRIDE = 100_003
+
+
+class StageTimer:
+    """``with timer("rollout"): ...`` records ``timing/rollout_s``; ``timing/step_s`` is the total."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"timing/{k}_s": v for k, v in self.seconds.items()}
+        out["timing/step_s"] = time.perf_counter() - self.start
+        return out
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
+
+
+class RLTrainer:
+    def __init__(self, cfg: Config, roles: Any, tokenizer: Any, train_records: list[PromptRecord],
+                 eval_records: list[PromptRecord], reward_runner: Optional[Any] = None,
+                 show_progress: bool = True):
+        self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
+        self.loader = PromptLoader(train_records, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
+        self.eval_records = eval_records
+        self.eval_prompts = scoring.encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
+        self.reward_runner = reward_runner
+        algo = cfg.algo
+        self.kl = make_kl_controller(algo.kl_coef, adaptive=algo.adaptive_kl, target=algo.kl_target,
+                                     horizon=algo.kl_horizon)
+        self.step = 0
+        self.show_progress = show_progress
+        # Under the deepspeed launcher every rank runs this loop; rank 0 alone writes logs and state files.
+        self.is_main = roles.mode == "ray" or roles.actor.rank == 0
+        self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
+                                       cfg.rollout.max_response_len)
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> dict:
+        cfg = self.cfg.trainer
+        resumed = self.resume() if cfg.resume else None
+        logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, cfg.log_interval, self.show_progress,
+                           main=self.is_main)
+        if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
+            logger.log(self.step, self.evaluate())
+        while self.step < cfg.max_steps:
+            self.step += 1
+            metrics = self.train_step(self.step)
+            if self._due(cfg.eval_interval, self.step):
+                metrics.update(self.evaluate())
+            logger.log(self.step, metrics)
+            if self._due(cfg.save_interval, self.step):
+                self.save()
+        return logger.finish({"resumed_from": resumed})
+
+    def _due(self, interval: int, step: int) -> bool:
+        return step == self.cfg.trainer.max_steps or (interval > 0 and step % interval == 0)
+
+    def train_step(self, step: int) -> dict[str, float]:
+        timer = StageTimer()
+        with timer("prompts"):
+            records = self.loader.next_batch()
+            prompts = scoring.encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
+        with timer("rollout"):
+            exp = self.rollout(prompts, seed=self.cfg.seed * _STEP_SEED_STRIDE + step)
+        with timer("rewards"):
+            exp, metrics = self.rewards(exp, records)
+        with timer("logprobs"):
+            exp = self.forward_passes(exp)
+        with timer("advantages"):
+            exp, adv_metrics = self.advantages(exp)
+        with timer("train"):
+            train_metrics = self.update(exp)
+        with timer("sync"):
+            self.sync_weights()
+        tokens = exp.response_mask.sum().item()
+        metrics.update(adv_metrics, **train_metrics, **timer.metrics())
+        metrics["perf/generated_tokens"] = tokens
+        metrics["data/epoch"], metrics["data/position"] = self.loader.epoch, self.loader.position
+        # every real token (prompt and response) goes through forward and backward in each epoch
+        metrics["perf/train_seq_tokens"] = exp.attention_mask.sum().item() * self.cfg.algo.epochs
+        return metrics
+
+    # ---------------------------------------------------------------- stages
+    def rollout(self, prompts: list[list[int]], seed: int) -> Experience:
+        samples = scoring.generate(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling, seed)
+        return build_experience(prompts, samples, self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len,
+                                self.cfg.rollout.max_response_len)
+
+    def rewards(self, exp: Experience, records: list[PromptRecord]) -> tuple[Experience, dict[str, float]]:
+        texts, finished = scoring.decode(self.tokenizer, exp)
+        pending = (self.roles.reward.dispatch_async("compute_scores", exp) if self.roles.reward is not None
+                   else None)
+        total = torch.zeros(len(exp))
+        metrics: dict[str, float] = {}
+        rule_scores = None
+        if self.reward_runner is not None:
+            rule_scores, metrics = scoring.score_rules(self.reward_runner, records, exp, texts, finished)
+            total = total + rule_scores
+        if pending is not None:
+            model_scores = pending.get().float()
+            metrics["reward/model_mean"] = model_scores.mean().item()
+            total = total + self.cfg.reward.model_weight * model_scores
+        metrics.update(scoring.response_metrics(exp, finished, total, rule_scores))
+        return exp.replace(rewards=total), metrics
+
+    def forward_passes(self, exp: Experience) -> Experience:
+        """Old log-probs (actor), reference log-probs and values, the three roles working concurrently."""
+        roles = self.roles
+        old = roles.actor.dispatch_async("compute_logprobs", exp)
+        ref = roles.reference.dispatch_async("compute_logprobs", exp) if roles.reference is not None else None
+        values = roles.critic.dispatch_async("compute_values", exp) if roles.critic is not None else None
+        return exp.replace(old_logprobs=old.get(), ref_logprobs=ref.get() if ref else None,
+                           values=values.get() if values else None)
+
+    def advantages(self, exp: Experience) -> tuple[Experience, dict[str, float]]:
+        algo, metrics = self.cfg.algo, {}
+        kl = None
+        if exp.ref_logprobs is not None:
+            kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, algo.kl_estimator)
+            metrics["actor/kl"] = _masked_mean(kl, exp.response_mask)
+            metrics["actor/kl_coef"] = self.kl.value
+        in_reward = algo.kl_placement == "reward"
+        out = compute_advantages(algo.advantage_estimator, exp.rewards, exp.response_mask, exp.group_ids,
+                                 values=exp.values, kl=kl if in_reward else None,
+                                 kl_coef=self.kl.value if in_reward else 0.0, gamma=algo.gamma, lam=algo.lam,
+                                 whiten=algo.whiten_advantages)
+        metrics["advantages/mean"] = _masked_mean(out.advantages, exp.response_mask)
+        metrics["advantages/abs_mean"] = _masked_mean(out.advantages.abs(), exp.response_mask)
+        metrics["reward/nonfinite"] = float(out.num_nonfinite)
+        if kl is not None:
+            self.kl.update(metrics["actor/kl"], len(exp))
+        return exp.replace(advantages=out.advantages, returns=out.returns), metrics
+
+    def _scaled(self, mb: Experience, micro_batch_size: int) -> Experience:
+        algo = self.cfg.algo
+        scaled, weights = scale_advantages(mb.advantages, mb.response_mask, algo.loss_reduction,
+                                           group_ids=mb.group_ids, micro_batch_size=micro_batch_size,
+                                           max_seq_len=self.cfg.loss_norm_len)
+        return mb.replace(advantages=scaled, token_weights=weights)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """Every epoch, every mini-batch: one optimizer step of the actor (and of the critic)."""
+        cfg, per_minibatch = self.cfg, []
+        for _ in range(cfg.algo.epochs):
+            for mb in exp.chunk(cfg.algo.mini_batch_size):
+                actor = self.roles.actor.dispatch_async(
+                    "train_minibatch", self._scaled(mb, cfg.actor.micro_batch_size), cfg.actor.num_ranks,
+                    self.kl.value, concat=False)
+                critic = None
+                if self.roles.critic is not None:
+                    critic = self.roles.critic.dispatch_async(
+                        "train_minibatch", self._scaled(mb, cfg.critic.micro_batch_size), cfg.critic.num_ranks,
+                        concat=False)
+                metrics = {f"actor/{k}": v for k, v in actor.get()[0].items()}
+                if critic is not None:
+                    metrics.update({f"critic/{k}": v for k, v in critic.get()[0].items()})
+                per_minibatch.append(metrics)
+        return reduce_metrics_across_minibatches(per_minibatch)
+
+    def sync_weights(self) -> None:
+        from rlhf_ds.rollout import weight_sync
+
+        bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
+        if self.roles.mode == "ray":
+            self.roles.actor.apply_all(weight_sync.push_to_ray_engines, self.roles.rollout.handles, bucket_mb)
+        else:
+            engine = self.roles.rollout.worker
+            self.roles.actor.apply_all(lambda worker, rank: weight_sync.load_into_local_engine(
+                worker, engine, bucket_mb))
+
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        out = scoring.evaluate(self.roles.rollout, self.tokenizer, self.eval_records, self.eval_prompts,
+                               self.cfg.rollout.eval_temperature, self.cfg.rollout.max_response_len,
+                               self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len)
+        out["timing/eval_s"] = time.perf_counter() - t0
+        return out
+
+    # ---------------------------------------------------------------- checkpoints
+    def trainer_state(self) -> dict:
+        return {"step": self.step, "loader": self.loader.state_dict(), "kl": self.kl.state_dict()}
+
+    def save(self) -> str:
+        return checkpoint.save_run_checkpoint(self.cfg.trainer.output_dir, self.step, self.roles.trainable(),
+                                              self.trainer_state(), write_files=self.is_main)
+
+    def resume(self) -> Optional[str]:
+        """Restore the latest complete checkpoint (if any) and push the restored actor to the engines."""
+        directory = checkpoint.latest_checkpoint(self.cfg.trainer.output_dir)
+        if directory is None:
+            return None
+        state = checkpoint.load_run_checkpoint(directory, self.roles.trainable())
+        self.step = int(state["step"])
+        self.loader.load_state_dict(state["loader"])
+        self.kl.load_state_dict(state["kl"])
+        self.sync_weights()
+        return directory

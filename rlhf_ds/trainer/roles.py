@@ -1,0 +1,134 @@
+"""Build the role groups of a run: Ray groups (one controller) or local groups (deepspeed launcher).
+
+The trainer only sees the groups' verbs (``run_all``, ``dispatch``, ``apply_all``), so one trainer
+serves both launchers. Roles that a config does not use (critic without GAE, reference without KL,
+reward model without ``reward.use_model``) are not started at all.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from rlhf_ds.config import Config, ConfigError
+
+
+def rollout_dtype(cfg: Config) -> str:
+    from rlhf_ds.engine.dist import has_gpu
+    from rlhf_ds.engine.ds_config import resolve_precision
+
+    return resolve_precision(cfg.precision, has_gpu())
+
+
+def role_ranks(cfg: Config) -> dict[str, int]:
+    """Ranks per role in use; the rollout engines count as the role ``rollout``."""
+    return {"actor": cfg.actor.num_ranks,
+            "critic": cfg.critic.num_ranks if cfg.needs_critic else 0,
+            "reference": cfg.reference.num_ranks if cfg.needs_reference else 0,
+            "reward": cfg.reward.num_ranks if cfg.uses_reward_model else 0,
+            "rollout": cfg.rollout.num_engines}
+
+
+def _worker_classes() -> dict[str, Any]:
+    from rlhf_ds.workers.actor import ActorWorker
+    from rlhf_ds.workers.critic import CriticWorker
+    from rlhf_ds.workers.reference import ReferenceWorker
+    from rlhf_ds.workers.reward import RewardWorker
+
+    return {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker,
+            "reward": RewardWorker}
+
+
+def _check_backend(cfg: Config) -> None:
+    if cfg.rollout.backend != "hf":
+        raise ConfigError(
+            f"rollout.backend={cfg.rollout.backend!r} is not available yet; the vLLM engine arrives in its "
+            f"own issue. Valid now: 'hf' (set rollout.backend=hf)")
+
+
+@dataclass
+class Roles:
+    """The groups of one run (None for a role not in use)."""
+    actor: Any
+    rollout: Any
+    critic: Optional[Any] = None
+    reference: Optional[Any] = None
+    reward: Optional[Any] = None
+    mode: str = "ray"
+    _cleanup: list = field(default_factory=list)
+
+    def trainable(self) -> dict[str, Any]:
+        return {name: g for name, g in (("actor", self.actor), ("critic", self.critic)) if g is not None}
+
+    def model_roles(self) -> dict[str, Any]:
+        return {name: g for name in ("actor", "critic", "reference", "reward")
+                if (g := getattr(self, name)) is not None}
+
+    def shutdown(self) -> None:
+        for fn in reversed(self._cleanup):
+            fn()
+        self._cleanup.clear()
+
+
+def build_roles(cfg: Config, total_steps: int) -> Roles:
+    """Start every role in use and build its model (engines of different roles build concurrently)."""
+    _check_backend(cfg)
+    ranks = role_ranks(cfg)
+    classes = _worker_classes()
+    roles = _build_ray(cfg, ranks, classes) if cfg.cluster.launcher == "ray" else _build_local(cfg, ranks, classes)
+    pending = [group.run_all_async("init_model", total_steps) if name in ("actor", "critic")
+               else group.run_all_async("init_model") for name, group in roles.model_roles().items()]
+    for p in pending:
+        p.get()
+    return roles
+
+
+def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> Roles:
+    import ray
+
+    from rlhf_ds.cluster.placement import plan_placement
+    from rlhf_ds.cluster.ray_group import RoleGroup, create_pools, remove_pools, start_ray, worker_env
+    from rlhf_ds.engine.dist import has_gpu
+
+    use_gpu = has_gpu() if not (cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")) else None
+    plan = plan_placement(ranks, cfg.cluster.colocate)
+    started = start_ray(cfg.cluster.ray_address, plan.total_cpus(bool(use_gpu), cfg.cluster.cpus_per_worker))
+    if use_gpu is None:   # joined a cluster: its resources decide, not the driver's host
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    cpus = cfg.cluster.cpus_per_worker
+    pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus)
+    roles = Roles(actor=None, rollout=None, mode="ray")
+    roles._cleanup.append(lambda: (remove_pools(pools), ray.shutdown() if started else None))
+    env = worker_env()
+    for name, n in ranks.items():
+        if n == 0:
+            continue
+        if name == "rollout":
+            from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+            cls, args = HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg))
+        else:
+            cls, args = classes[name], (cfg,)
+        group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
+                          env=env)
+        roles._cleanup.append(group.shutdown)
+        setattr(roles, name, group)
+    return roles
+
+
+def _build_local(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> Roles:
+    from rlhf_ds.cluster.local_group import LocalGroup
+    from rlhf_ds.engine.dist import init_distributed
+    from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+
+    init_distributed()
+    roles = Roles(actor=None, rollout=None, mode="local")
+    for name, n in ranks.items():
+        if n == 0:
+            continue
+        if name == "rollout":   # SPMD: every rank owns one engine, whatever rollout.num_engines says
+            group = LocalGroup(name, HFRolloutEngine, worker_args=(cfg.actor.model_path, rollout_dtype(cfg)))
+        else:
+            group = LocalGroup(name, classes[name], worker_args=(cfg,))
+        roles._cleanup.append(group.shutdown)
+        setattr(roles, name, group)
+    return roles

@@ -1,0 +1,133 @@
+"""Supervised warm start of the actor on the task's reference answers (cached).
+
+RL with a bare 0/1 reward only moves a model that already succeeds sometimes, so the default run first
+fine-tunes the tiny model on ``prompt -> answer<eos>`` until held-out greedy exact match reaches
+``trainer.sft.target_eval_accuracy`` (DESIGN.md: stop on validation accuracy, not on time — the data order
+moves the jump by ~20 s). A small single-process PyTorch loop: the warm start of a ~100 K-parameter model
+needs no ZeRO sharding.
+
+The result is an HF directory in the cache keyed by everything that determines it; a finished directory
+(marker written last) is reused at once, so `make train-grpo` pays for SFT only the first time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_ds.batch import Experience, pad_prompts, pad_responses
+from rlhf_ds.cluster.local_group import LocalGroup
+from rlhf_ds.config import Config
+from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.models.tiny import default_cache_dir, resolve_model_path
+from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+from rlhf_ds.trainer import scoring
+from rlhf_ds.trainer.data import load_records
+
+MARKER = ".sft_complete"
+
+
+def sft_dir(cfg: Config) -> Path:
+    """Cache directory of the warm start this config asks for."""
+    key = {"model": cfg.actor.model_path, "sft": dataclasses.asdict(cfg.trainer.sft), "seed": cfg.seed,
+           "data": [cfg.data.train_path, cfg.data.eval_path, cfg.data.num_train, cfg.data.num_eval,
+                    cfg.data.task_seed, cfg.data.prompt_key, cfg.data.answer_key],
+           "max_response_len": cfg.rollout.max_response_len, "version": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    name = cfg.actor.model_path.replace("tiny:", "").replace("/", "_").strip("_")[-40:]
+    return default_cache_dir() / "sft" / f"{name}-{digest}"
+
+
+def encode_examples(tokenizer, records: list[PromptRecord]) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids (bos + prompt) and completion ids (answer + eos) of each record."""
+    prompts = [tokenizer(r.prompt)["input_ids"] for r in records]
+    completions = [tokenizer(r.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                   for r in records]
+    return prompts, completions
+
+
+def sft_loss(model: torch.nn.Module, exp: Experience) -> torch.Tensor:
+    """Token-mean cross-entropy of the completion tokens (logits of token t at position P + t - 1)."""
+    out = model(input_ids=exp.input_ids, attention_mask=exp.attention_mask, position_ids=exp.position_ids)
+    logits = out.logits[:, exp.prompt_len - 1: exp.prompt_len + exp.response_len - 1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), exp.response_ids, reduction="none")
+    return (nll * exp.response_mask).sum() / exp.response_mask.sum()
+
+
+def _batch(prompts, completions, rows: np.ndarray, pad_id: int) -> Experience:
+    prompt_ids, prompt_mask = pad_prompts([prompts[i] for i in rows], pad_id)
+    response_ids, response_mask = pad_responses([completions[i] for i in rows], pad_id)
+    return Experience(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
+                      response_mask=response_mask, group_ids=torch.as_tensor(rows))
+
+
+def run_sft(cfg: Config, log=print) -> str:
+    """Warm-start the actor (or reuse the cached result); returns the HF directory."""
+    out = sft_dir(cfg)
+    if (out / MARKER).exists():
+        log(f"sft: reusing {out} ({(out / MARKER).read_text().strip()})")
+        return str(out)
+    sft = cfg.trainer.sft
+    base = resolve_model_path(cfg.actor.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    train, held_out = load_records(cfg)
+    prompts, completions = encode_examples(tokenizer, train)
+    eval_prompts = scoring.encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len)
+    evaluator = LocalGroup("rollout", HFRolloutEngine.from_model, worker_args=(model, tokenizer))
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr)
+    started, step, accuracy = time.time(), 0, 0.0
+    for step in range(1, sft.steps + 1):
+        model.train()
+        exp = _batch(prompts, completions, rng.choice(len(train), sft.batch_size, replace=False),
+                     tokenizer.pad_token_id)
+        loss = sft_loss(model, exp)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % sft.eval_interval == 0 or step == sft.steps:
+            accuracy = scoring.evaluate(evaluator, tokenizer, held_out, eval_prompts, 0.0,
+                                        cfg.rollout.max_response_len, tokenizer.pad_token_id,
+                                        cfg.rollout.max_prompt_len)["eval/accuracy"]
+            log(f"sft: step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f} "
+                f"({time.time() - started:.0f} s)")
+            if accuracy >= sft.target_eval_accuracy:
+                break
+    note = f"{step} steps, held-out accuracy {accuracy:.3f}, {time.time() - started:.1f} s"
+    _save_atomically(model, tokenizer, out, note)
+    log(f"sft: saved {out} ({note})")
+    return str(out)
+
+
+def wait_for_sft(cfg: Config, timeout_s: float = 3600.0) -> str:
+    """The warm start another process is producing (SPMD ranks > 0), once its marker exists."""
+    out, deadline = sft_dir(cfg), time.time() + timeout_s
+    while not (out / MARKER).exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"no finished SFT warm start at {out} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+    return str(out)
+
+
+def _save_atomically(model, tokenizer, out: Path, note: str) -> None:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MARKER).write_text(note + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""RoleGroup under a real local Ray: each role its own torch.distributed group, fan-out verbs, failures."""
+import os
+import sys
+
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from rlhf_ds.batch import Experience  # noqa: E402
+from rlhf_ds.cluster.placement import plan_placement  # noqa: E402
+from rlhf_ds.cluster.ray_group import RoleGroup, WorkerFailure, create_pools, remove_pools, start_ray  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+class RankWorker:
+    """A trivial worker: joins its role's gloo group from the environment the group sets."""
+
+    def __init__(self, tag: str):
+        import torch.distributed as dist
+        self.tag = tag
+        dist.init_process_group("gloo")   # env:// rendezvous published by rank 0
+        self.dist = dist
+
+    def info(self):
+        return self.tag, self.dist.get_rank(), self.dist.get_world_size()
+
+    def sum_over_ranks(self, value: float) -> float:
+        t = torch.tensor([value])
+        self.dist.all_reduce(t)
+        return t.item()
+
+    def scaled_rewards(self, exp: Experience, factor: float) -> torch.Tensor:
+        return exp.rewards * factor + self.dist.get_rank() * 1000
+
+    def fail_on(self, rank: int):
+        if self.dist.get_rank() == rank:
+            raise ValueError(f"boom from rank {rank}")
+        self.dist.barrier()   # the healthy rank blocks in a collective with the failed one
+
+    def die_on(self, rank: int):
+        if self.dist.get_rank() == rank:
+            os._exit(3)
+        self.dist.barrier()
+
+
+@pytest.fixture(scope="module")
+def pools():
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests/
+    plan = plan_placement({"actor": 2, "critic": 2}, colocate=False)
+    started = start_ray("", plan.total_cpus(False, 0.25))
+    made = create_pools(plan, use_gpu=False, cpus_per_worker=0.25)
+    yield plan, made
+    remove_pools(made)
+    if started:
+        ray.shutdown()
+
+
+def _group(role, plan, made):
+    return RoleGroup(role, RankWorker, plan, made, use_gpu=False, cpus_per_worker=0.25, worker_args=(role,))
+
+
+def test_each_role_forms_its_own_group_and_dispatch_keeps_rank_order(pools):
+    plan, made = pools
+    actor, critic = _group("actor", plan, made), _group("critic", plan, made)
+    try:
+        assert actor.run_all("info") == [("actor", 0, 2), ("actor", 1, 2)]
+        assert critic.run_all("sum_over_ranks", 1.5) == [3.0, 3.0]
+        exp = Experience(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1),
+                         response_ids=torch.zeros(4, 1, dtype=torch.long), response_mask=torch.ones(4, 1),
+                         group_ids=torch.arange(4), rewards=torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        # rows 0-1 go to rank 0, rows 2-3 to rank 1 (which adds 1000), and come back in order
+        assert actor.dispatch("scaled_rewards", exp, 10.0).tolist() == [10.0, 20.0, 1030.0, 1040.0]
+        with pytest.raises(WorkerFailure, match=r"(?s)role 'actor' rank 1 failed: .*ValueError: boom from rank 1"):
+            actor.run_all("fail_on", 1)
+        with pytest.raises(WorkerFailure, match=r"(?s)role 'critic' rank 0 failed: .*died"):
+            critic.run_all("die_on", 0)
+    finally:
+        actor.shutdown()
+        critic.shutdown()
