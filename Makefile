@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e clean
+.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,21 @@ test-dist: install
 
 test-e2e: install
 	$(PYTEST) -q -m e2e tests
+
+## Runs. ARGS="key=value ..." overrides any config key, e.g. ARGS="actor.num_ranks=2 trainer.max_steps=50".
+# The tiny recipes build their model locally and warm-start it with a cached SFT run first.
+RUN_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+ARGS ?=
+
+train-grpo: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds train grpo_tiny $(ARGS)
+
+train-ppo: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds train ppo_tiny $(ARGS)
+
+## A fixed small GRPO workload; prints one JSON line (median step time, stage shares, tokens/s, FLOP/s).
+bench: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds bench grpo_tiny trainer.output_dir=outputs/bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

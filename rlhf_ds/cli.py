@@ -112,8 +112,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop the `--local_rank=N` the deepspeed launcher appends (LOCAL_RANK is in the environment too)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(_strip_local_rank(sys.argv[1:] if argv is None else argv))
+    # argparse stops collecting positionals at the first option: `train cfg --no-progress a.b=1` leaves
+    # `a.b=1` over. Overrides may stand anywhere, so they join the config arguments.
+    if rest and hasattr(ns, "config_args") and all("=" in item and not item.startswith("-") for item in rest):
+        ns.config_args = [*ns.config_args, *rest]
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return COMMANDS[ns.command].run(ns)
     except ConfigError as err:

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def test_grpo_two_ranks_under_the_deepspeed_launcher(tmp_path):
     out = tmp_path / "run"
     deepspeed = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [deepspeed, "--num_gpus", "2", "--no_local_rank", "--master_port", "29517", "--module", "rlhf_ds.cli",
+    cmd = [deepspeed, "--num_gpus", "2", "--master_port", "29517", "--module", "rlhf_ds.cli",
            "train", "grpo_tiny", "cluster.launcher=deepspeed", "actor.num_ranks=2",
            *tiny_overrides(out), "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -465,3 +465,26 @@ def test_cli_registration_adds_a_command(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, "echo", cli.Command("print rollout.n", cli.add_config_arguments, run))
     assert cli.main(["echo", "ppo_tiny", "rollout.n=3", "data.prompts_per_step=128"]) == 0
     assert capsys.readouterr().out.strip() == "3"
+
+
+def test_cli_ignores_the_deepspeed_launchers_local_rank(capsys):
+    from rlhf_ds.cli import main
+
+    assert main(["config", "show", "algo.kl_coef=0.5", "--local_rank=1"]) == 0
+    assert "kl_coef: 0.5" in capsys.readouterr().out
+    assert main(["config", "show", "--local_rank", "0", "algo.kl_coef=0.25"]) == 0
+    assert "kl_coef: 0.25" in capsys.readouterr().out
+
+
+def test_cli_overrides_may_follow_options(capsys, monkeypatch):
+    from rlhf_ds import cli
+
+    seen = {}
+    command = cli.COMMANDS["train"]
+    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command(
+        command.help, command.add_arguments, lambda ns: seen.update(vars(ns)) or 0))
+    assert cli.main(["train", "ppo_tiny", "--no-progress", "algo.kl_coef=0.5", "seed=3"]) == 0
+    assert seen["config_args"] == ["ppo_tiny", "algo.kl_coef=0.5", "seed=3"] and seen["no_progress"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "ppo_tiny", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
