@@ -59,7 +59,6 @@ def push_to_ray_engines(actor_worker, rank: int, engine_handles: list, bucket_mb
     in_flight: list = []
 
     def send(bucket: NamedTensors) -> None:
-        nonlocal in_flight
         ref = ray.put(bucket)
         if len(in_flight) >= 2:   # bound memory: wait for the older bucket to be loaded everywhere
             ray.get(in_flight.pop(0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 from rlhf_ds.config import Config, config_from_dict
 from rlhf_ds.trainer.data import load_records

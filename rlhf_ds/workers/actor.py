@@ -17,10 +17,9 @@ from rlhf_ds.algo import (POLICY_STAT_KINDS, Metric, MetricKind, entropy_from_lo
                           metrics_from_stats, policy_loss, truncated_is_weights)
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.build import RoleEngine, build_engine
-from rlhf_ds.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from rlhf_ds.engine.gather import iter_full_params
-from rlhf_ds.engine.step import SkipCounter, train_minibatch
+from rlhf_ds.engine.step import train_minibatch
+from rlhf_ds.workers.base import TrainableWorker
 from rlhf_ds.workers.common import (check_dp_size, in_micro_batches, logprobs_from_logits, require_fields,
                                     response_logits)
 
@@ -56,20 +55,8 @@ def actor_loss(model: Any, mb: Experience, algo: Any, *, kl_coef: float, tempera
     return total, metrics
 
 
-class ActorWorker:
+class ActorWorker(TrainableWorker):
     role = "actor"
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.model: Optional[RoleEngine] = None
-        self.skips = SkipCounter(cfg.trainer.max_skipped_steps)
-
-    def init_model(self, total_steps: Optional[int] = None) -> None:
-        self.model = build_engine(self.cfg, self.role, total_steps=total_steps)
-
-    @property
-    def engine(self) -> Any:
-        return self.model.engine
 
     @torch.no_grad()
     def compute_logprobs(self, exp: Experience, with_entropy: bool = False):
@@ -112,12 +99,3 @@ class ActorWorker:
     def weights(self, bucket_bytes: Optional[int] = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Full parameters as (HF name, CPU tensor), gathered per module or in buckets (collective)."""
         return iter_full_params(self.model.module, bucket_bytes=bucket_bytes)
-
-    def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
-        save_checkpoint(self.model, directory, client_state)
-
-    def load_checkpoint(self, directory: str) -> dict:
-        return load_checkpoint(self.model, directory)
-
-    def export_hf(self, directory: str) -> None:
-        export_hf(self.model, directory)

@@ -5,16 +5,15 @@ weights w, so the critic is reduced exactly like the policy (DESIGN.md).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from rlhf_ds.algo import Metric, MetricKind, value_loss
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.build import RoleEngine, build_engine
-from rlhf_ds.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from rlhf_ds.engine.step import SkipCounter, train_minibatch
+from rlhf_ds.engine.step import train_minibatch
+from rlhf_ds.workers.base import TrainableWorker
 from rlhf_ds.workers.common import check_dp_size, in_micro_batches, require_fields, response_values
 
 
@@ -34,20 +33,8 @@ def critic_loss(model: Any, mb: Experience, algo: Any, *, device: torch.device
     return algo.value_loss_coef * loss_sum, metrics
 
 
-class CriticWorker:
+class CriticWorker(TrainableWorker):
     role = "critic"
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.model: Optional[RoleEngine] = None
-        self.skips = SkipCounter(cfg.trainer.max_skipped_steps)
-
-    def init_model(self, total_steps: Optional[int] = None) -> None:
-        self.model = build_engine(self.cfg, self.role, total_steps=total_steps)
-
-    @property
-    def engine(self) -> Any:
-        return self.model.engine
 
     @torch.no_grad()
     def compute_values(self, exp: Experience) -> torch.Tensor:
@@ -64,12 +51,3 @@ class CriticWorker:
         return train_minibatch(self.engine, exp_shard.chunk(self.model.micro_batch_size),
                                lambda mb: critic_loss(self.engine, mb, algo, device=device),
                                dp_size=dp_size, skips=self.skips, role=self.role)
-
-    def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
-        save_checkpoint(self.model, directory, client_state)
-
-    def load_checkpoint(self, directory: str) -> dict:
-        return load_checkpoint(self.model, directory)
-
-    def export_hf(self, directory: str) -> None:
-        export_hf(self.model, directory)

@@ -1,25 +1,16 @@
 """The reference policy: frozen log-probs of the responses for the KL term."""
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.build import RoleEngine, build_engine
+from rlhf_ds.workers.base import EngineWorker
 from rlhf_ds.workers.common import in_micro_batches, logprobs_from_logits, response_logits
 
 
-class ReferenceWorker:
+class ReferenceWorker(EngineWorker):
     role = "reference"
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.model: Optional[RoleEngine] = None
-
-    def init_model(self) -> None:
-        self.model = build_engine(self.cfg, self.role)
 
     @torch.no_grad()
     def compute_logprobs(self, exp: Experience) -> torch.Tensor:

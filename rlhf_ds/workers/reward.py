@@ -1,25 +1,16 @@
 """The reward model: one scalar score per sequence, read at its last real token."""
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import torch
 
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.build import RoleEngine, build_engine
+from rlhf_ds.workers.base import EngineWorker
 from rlhf_ds.workers.common import in_micro_batches, last_token_index, model_inputs
 
 
-class RewardWorker:
+class RewardWorker(EngineWorker):
     role = "reward"
-
-    def __init__(self, cfg: Any):
-        self.cfg = cfg
-        self.model: Optional[RoleEngine] = None
-
-    def init_model(self) -> None:
-        self.model = build_engine(self.cfg, self.role)
 
     @torch.no_grad()
     def compute_scores(self, exp: Experience) -> torch.Tensor:

@@ -1,0 +1,42 @@
+"""What every role worker shares: its config and its ZeRO-3 engine; trainable roles add checkpoints."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rlhf_ds.engine.build import RoleEngine, build_engine
+from rlhf_ds.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from rlhf_ds.engine.step import SkipCounter
+
+
+class EngineWorker:
+    """A role's engine on this process's data-parallel group; built by ``init_model`` (collective)."""
+    role = ""
+
+    def __init__(self, cfg: Any):
+        self.cfg = cfg
+        self.model: Optional[RoleEngine] = None
+
+    def init_model(self, total_steps: Optional[int] = None) -> None:
+        """total_steps: optimizer steps of the run, for the learning-rate schedule (trainable roles)."""
+        self.model = build_engine(self.cfg, self.role, total_steps=total_steps)
+
+    @property
+    def engine(self) -> Any:
+        return self.model.engine
+
+
+class TrainableWorker(EngineWorker):
+    """A role with an optimizer: counts skipped steps, saves / loads / exports its state."""
+
+    def __init__(self, cfg: Any):
+        super().__init__(cfg)
+        self.skips = SkipCounter(cfg.trainer.max_skipped_steps)
+
+    def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
+        save_checkpoint(self.model, directory, client_state)
+
+    def load_checkpoint(self, directory: str) -> dict:
+        return load_checkpoint(self.model, directory)
+
+    def export_hf(self, directory: str) -> None:
+        export_hf(self.model, directory)
