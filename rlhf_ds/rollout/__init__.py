@@ -1,1 +1,1 @@
-"""Rollout engines (HF generate now; vLLM in its own issue) and actor -> engine weight sync."""
+"""Rollout engines (HF generate; the vLLM engine is not in this release yet) and actor -> engine weight sync."""

@@ -42,8 +42,8 @@ def _worker_classes() -> dict[str, Any]:
 def _check_backend(cfg: Config) -> None:
     if cfg.rollout.backend != "hf":
         raise ConfigError(
-            f"rollout.backend={cfg.rollout.backend!r} is not available yet; the vLLM engine arrives in its "
-            f"own issue. Valid now: 'hf' (set rollout.backend=hf)")
+            f"rollout.backend={cfg.rollout.backend!r}: the vLLM rollout engine is not in this release yet; "
+            f"valid now: 'hf' (set rollout.backend=hf)")
 
 
 @dataclass

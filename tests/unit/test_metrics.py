@@ -57,7 +57,7 @@ def test_minibatch_reduction_averages_everything():
 
 
 def test_sum_kind_loss_reports_the_mini_batch_mean_not_a_multiple():
-    """The issue's example: 2 mini-batches x 2 ranks x 2 micro-batches of a token-mean loss.
+    """Worked example: 2 mini-batches x 2 ranks x 2 micro-batches of a token-mean loss.
 
     Each piece reports its masked sum of pre-scaled token losses (SUM kind). Summed over micro-batches
     and ranks it is the mini-batch's token mean; averaged over mini-batches it is the mean of those.
