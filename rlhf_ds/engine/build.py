@@ -10,7 +10,7 @@ are ``deepspeed.initialize`` engines without an optimizer, as in OpenRLHF.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -57,7 +57,6 @@ class RoleEngine:
     model_path: str
     tokenizer: Any = None            # None when the directory has no tokenizer files
     # transformers finds the ZeRO-3 switch through a weak reference to this object: keep it alive.
-    hf_ds_config: Any = field(default=None, repr=False)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -80,6 +79,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             (no_decay if param.ndim < 2 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
+    """Load with ZeRO-3 partitioning at construction (no rank holds the whole model).
+
+    A live ``HfDeepSpeedConfig`` switches transformers into ZeRO-3 mode for the whole process, so it is
+    released right after the load: plain loads that follow in the same process (the HF rollout engine,
+    a tiny value model built on first use, several roles under the deepspeed launcher) stay plain.
+    """
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  (read through a weak reference)
+    try:
+        return _load_model(role, model_path, dtype)
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def _load_model(role: str, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -107,7 +123,6 @@ def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
     output_dir: where ``ds_config_<role>.json`` is written (default ``cfg.trainer.output_dir``).
     """
     import deepspeed
-    from transformers.integrations import HfDeepSpeedConfig
 
     if role not in ROLES:
         raise ValueError(f"role={role!r}; valid: {list(ROLES)}")
@@ -121,8 +136,7 @@ def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
     from rlhf_ds.models.tiny import resolve_model_path
     model_path = resolve_model_path(role_cfg.model_path)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # must be alive during from_pretrained
-    model = _load_model(role, model_path, dtype)
+    model = _load_presharded(role, model_path, dtype, ds_config)
 
     if role in TRAINABLE_ROLES:
         if role_cfg.gradient_checkpointing:
@@ -139,7 +153,7 @@ def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
         engine, *_ = deepspeed.initialize(model=model, config=ds_config)
         engine.eval()
     return RoleEngine(role=role, engine=engine, ds_config=ds_config, model_path=model_path,
-                      tokenizer=_load_tokenizer(role_cfg.tokenizer_path or model_path), hf_ds_config=hf_ds_config)
+                      tokenizer=_load_tokenizer(role_cfg.tokenizer_path or model_path))
 
 
 def _scheduler_factory(role_cfg: Any, total_steps: int):

@@ -189,4 +189,8 @@ def forward_job(model_dir: str, value_dir: str, out_dir: str, exp: Experience) -
             out["reference"] = worker.compute_logprobs(exp)
         else:
             out["reward"] = worker.compute_scores(exp)
+    # Engines live on in this process; a plain HF load after them (the SPMD rollout engine, a tiny model
+    # built on first use) must still give whole, unpartitioned parameters.
+    from transformers import AutoModelForCausalLM
+    out["plain_load"] = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
     return out

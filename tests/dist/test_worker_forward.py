@@ -50,4 +50,7 @@ def test_role_forwards_match_plain_models(tmp_path):
         torch.testing.assert_close(got["reference"], want["logprobs"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got["critic"], want["values"], rtol=0, atol=1e-5)
         torch.testing.assert_close(got["reward"], want["scores"], rtol=0, atol=1e-5)
+        plain = dict(lm.named_parameters())
+        assert set(got["plain_load"]) == set(plain)
+        assert all(torch.equal(got["plain_load"][n], p.detach()) for n, p in plain.items())
     assert (tmp_path / "run" / "ds_config_reward.json").exists()
