@@ -51,14 +51,18 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
     from rlhf_ds.cli import add_config_arguments
 
     add_config_arguments(parser)
-    parser.add_argument("--steps", type=int, default=6, help="RL steps to time (the first is a warm-up)")
+    parser.add_argument("--steps", type=int, default=11, help="RL steps to time (the first is a warm-up)")
 
 
 def _run_bench(ns: argparse.Namespace) -> int:
     from rlhf_ds.trainer.run import run_bench
 
     cfg = _config(ns)
-    result = run_bench(cfg, ns.steps, log=lambda line: print(line, flush=True))
+    from rlhf_ds.cli import split_config_args
+    from rlhf_ds.config import DEFAULT_RECIPE
+
+    name = split_config_args(ns.config_args)[0] or DEFAULT_RECIPE
+    result = run_bench(cfg, ns.steps, log=lambda line: print(line, flush=True), name=name)
     print(json.dumps(result))
     return 0
 

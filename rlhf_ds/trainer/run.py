@@ -83,7 +83,7 @@ def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
         torch.set_num_threads(threads)
 
 
-def run_bench(cfg: Config, steps: int, log: Log = print) -> dict:
+def run_bench(cfg: Config, steps: int, log: Log = print, name: str = "grpo_tiny") -> dict:
     """A fixed GRPO workload: ``steps`` RL steps without evaluation or checkpoints; the first step is a
     warm-up and is left out of the medians."""
     trainer, runner = _setup(cfg, show_progress=False)
@@ -107,7 +107,7 @@ def run_bench(cfg: Config, steps: int, log: Log = print) -> dict:
     train_flops = statistics.median(6 * num_params * r["perf/train_seq_tokens"] * trained_models / r["timing/train_s"]
                                     for r in measured)
     peak = measure_matmul_peak()
-    return {"bench": "grpo_tiny", "steps_measured": len(measured), "median_step_s": round(step_s, 4),
+    return {"bench": name, "steps_measured": len(measured), "median_step_s": round(step_s, 4),
             "stage_share": {s: round(med(f"timing/{s}_s") / step_s, 3) for s in stages},
             "generated_tokens_per_s": round(statistics.median(
                 r["perf/generated_tokens"] / r["timing/rollout_s"] for r in measured), 1),

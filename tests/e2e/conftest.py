@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray = pytest.importorskip("ray")
+    import ray
     from rlhf_ds.cluster.ray_group import start_ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from rlhf_ds.config import load_config
 from rlhf_ds.models.tiny import resolve_model_path
 from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint
-from rlhf_ds.trainer.run import run_training
+from rlhf_ds.trainer.run import run_bench, run_training
 
 from e2e_common import tiny_overrides
 
@@ -79,3 +80,16 @@ def test_ppo_all_four_roles(ray_session, tmp_path):
     cfg, _ = _run("ppo_tiny", out, PPO)
     assert cfg.needs_critic and cfg.needs_reference and cfg.uses_reward_model and cfg.actor.num_ranks == 2
     _check_run(cfg, out, ["actor", "critic"])
+
+
+def test_bench_reports_every_figure(ray_session, tmp_path):
+    cfg = load_config("grpo_tiny", tiny_overrides(tmp_path / "bench"))
+    result = run_bench(cfg, 3, log=lambda *_: None)
+    assert result["steps_measured"] == 2            # the first step is a warm-up
+    shares = result["stage_share"]
+    assert {"rollout", "rewards", "logprobs", "advantages", "train", "sync"} <= set(shares)
+    assert 0.5 < sum(shares.values()) <= 1.0 + 1e-3  # stages are parts of the step, nothing counted twice
+    assert result["generated_tokens_per_s"] > 0 and result["training_tokens_per_s"] > 0
+    assert 0 < result["train_flops_fraction_of_peak"] < 1
+    micro = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:llama-micro"))
+    assert result["model_params"] == sum(p.numel() for p in micro.parameters())
