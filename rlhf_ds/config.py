@@ -139,7 +139,8 @@ class RolloutConfig:
     """Response generation."""
     backend: RolloutBackend = option("hf", "generation engine: HF generate or vLLM")
     n: int = option(8, "samples per prompt", ge=1)
-    temperature: float = option(1.0, "sampling temperature", ge=0)
+    temperature: float = option(1.0, "sampling temperature of the rollouts the policy learns from "
+                                     "(> 0: log-probs are taken at this temperature)", gt=0)
     top_p: float = option(1.0, "nucleus sampling mass", gt=0, le=1)
     top_k: int = option(-1, "sample from the k most likely tokens; -1 = off")
     max_prompt_len: int = option(32, "prompt tokens kept (longer prompts are refused by the data "
@@ -317,6 +318,15 @@ def _batch_rules(cfg: Config):
         yield (f"data.prompts_per_step * rollout.n = {cfg.data.prompts_per_step} * {cfg.rollout.n} = "
                f"{rollout_batch} sequences per step must be divisible by "
                f"algo.mini_batch_size={algo.mini_batch_size}")
+    # Trainable roles are covered below (mini-batches divide the step, ranks * micro divide those).
+    for name in [r for r in _roles_in_use(cfg) if r not in cfg.trainable_roles]:
+        ranks = getattr(cfg, name).num_ranks
+        if rollout_batch % ranks:
+            yield (f"{name}.num_ranks={ranks} must divide the {rollout_batch} sequences of a step "
+                   f"(data.prompts_per_step * rollout.n), which are split evenly over its ranks")
+    if algo.loss_reduction == "prompt_mean" and algo.mini_batch_size % cfg.rollout.n:
+        yield (f"algo.loss_reduction='prompt_mean' needs whole prompt groups in every mini-batch: "
+               f"algo.mini_batch_size={algo.mini_batch_size} must be a multiple of rollout.n={cfg.rollout.n}")
     for name in cfg.trainable_roles:
         role = getattr(cfg, name)
         per_pass = role.num_ranks * role.micro_batch_size
@@ -355,6 +365,8 @@ def _kl_rules(cfg: Config):
                f"{', '.join(TOKEN_REWARD_ESTIMATORS)} or algo.kl_placement=loss")
     if algo.adaptive_kl and algo.kl_placement == "none":
         yield "algo.adaptive_kl=true has no effect with algo.kl_placement='none'"
+    if algo.adaptive_kl and algo.kl_placement != "none" and algo.kl_coef == 0:
+        yield "algo.adaptive_kl=true scales algo.kl_coef, which is 0: set an initial algo.kl_coef > 0"
 
 
 def _reward_rules(cfg: Config):
@@ -371,6 +383,9 @@ def _reward_rules(cfg: Config):
 def _runtime_rules(cfg: Config):
     if not cfg.actor.model_path:
         yield "actor.model_path is required"
+    if cfg.rollout.backend == "vllm":
+        yield ("rollout.backend='vllm': the vLLM rollout engine is not in this release yet; valid now: "
+               "'hf' (the rollout.vllm settings wait for it)")
     if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
         yield f"rollout.top_k must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
     bad_sizes = [s for s in cfg.rollout.vllm.cudagraph_capture_sizes if s < 1]

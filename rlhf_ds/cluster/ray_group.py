@@ -159,11 +159,12 @@ class RoleGroup:
             ray.kill(handle, no_restart=True)
 
 
-def create_pools(plan: PlacementPlan, *, use_gpu: bool, cpus_per_worker: float,
+def create_pools(plan: PlacementPlan, *, use_gpu: bool, cpus_per_worker: float, strategy: str = "PACK",
                  timeout_s: float = 120.0) -> dict[str, PlacementGroup]:
-    """Create (and wait for) one placement group per pool; a pool that cannot fit fails with its needs."""
+    """Create (and wait for) one placement group per pool; a pool that cannot fit fails with its needs.
+    strategy: Ray's placement strategy (cluster.placement_strategy)."""
     bundle = plan.bundle(use_gpu, cpus_per_worker)
-    pools = {name: placement_group([dict(bundle) for _ in range(size)], strategy="PACK")
+    pools = {name: placement_group([dict(bundle) for _ in range(size)], strategy=strategy)
              for name, size in plan.pool_sizes.items()}
     for name, pg in pools.items():
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)

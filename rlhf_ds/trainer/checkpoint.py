@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import time
 from typing import Any, Optional
 
 import numpy as np
@@ -35,6 +36,17 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
     steps = [int(m.group(1)) for name in os.listdir(root) if (m := _STEP_DIR.match(name))
              and os.path.exists(os.path.join(root, name, MARKER))]
     return step_dir(output_dir, max(steps)) if steps else None
+
+
+def retire_checkpoints(output_dir: str) -> Optional[str]:
+    """A fresh run in a used output_dir: move the earlier run's checkpoints aside (renamed, never deleted),
+    so a later ``trainer.resume=true`` cannot pick up a step of the earlier run. Returns the new name."""
+    root = checkpoint_root(output_dir)
+    if not os.path.isdir(root) or not os.listdir(root):
+        return None
+    retired = f"{root}.before-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.rename(root, retired)
+    return retired
 
 
 def rng_state() -> dict:

@@ -61,6 +61,7 @@ class RLTrainer:
         self.loader = PromptLoader(train_records, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_records = eval_records
         self.eval_prompts = scoring.encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
+        scoring.encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len)  # too long: fail now
         self.reward_runner = reward_runner
         algo = cfg.algo
         self.kl = make_kl_controller(algo.kl_coef, adaptive=algo.adaptive_kl, target=algo.kl_target,
@@ -76,6 +77,10 @@ class RLTrainer:
     def fit(self) -> dict:
         cfg = self.cfg.trainer
         resumed = self.resume() if cfg.resume else None
+        if not cfg.resume and self.is_main:
+            retired = checkpoint.retire_checkpoints(cfg.output_dir)
+            if retired:
+                print(f"trainer.resume=false: moved the earlier run's checkpoints to {retired}")
         logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, cfg.log_interval, self.show_progress,
                            main=self.is_main)
         if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
@@ -108,6 +113,8 @@ class RLTrainer:
             exp, adv_metrics = self.advantages(exp)
         with timer("train"):
             train_metrics = self.update(exp)
+        if "actor/kl" in adv_metrics:   # the coefficient this step used, then the controller's next one
+            self.kl.update(adv_metrics["actor/kl"], len(exp))
         with timer("sync"):
             self.sync_weights()
         tokens = exp.response_mask.sum().item()
@@ -165,8 +172,6 @@ class RLTrainer:
         metrics["advantages/mean"] = _masked_mean(out.advantages, exp.response_mask)
         metrics["advantages/abs_mean"] = _masked_mean(out.advantages.abs(), exp.response_mask)
         metrics["reward/nonfinite"] = float(out.num_nonfinite)
-        if kl is not None:
-            self.kl.update(metrics["actor/kl"], len(exp))
         return exp.replace(advantages=out.advantages, returns=out.returns), metrics
 
     def _scaled(self, mb: Experience, micro_batch_size: int) -> Experience:
@@ -229,6 +234,10 @@ class RLTrainer:
             return None
         state = checkpoint.load_run_checkpoint(directory, self.roles.trainable())
         self.step = int(state["step"])
+        if self.step > self.cfg.trainer.max_steps:
+            raise ValueError(f"trainer.resume: the latest checkpoint {directory} is at step {self.step}, past "
+                             f"trainer.max_steps={self.cfg.trainer.max_steps}; raise max_steps or choose another "
+                             f"trainer.output_dir")
         self.loader.load_state_dict(state["loader"])
         self.kl.load_state_dict(state["kl"])
         self.sync_weights()

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from rlhf_ds.config import Config, ConfigError
+from rlhf_ds.config import Config
 
 
 def rollout_dtype(cfg: Config) -> str:
@@ -39,13 +39,6 @@ def _worker_classes() -> dict[str, Any]:
             "reward": RewardWorker}
 
 
-def _check_backend(cfg: Config) -> None:
-    if cfg.rollout.backend != "hf":
-        raise ConfigError(
-            f"rollout.backend={cfg.rollout.backend!r}: the vLLM rollout engine is not in this release yet; "
-            f"valid now: 'hf' (set rollout.backend=hf)")
-
-
 @dataclass
 class Roles:
     """The groups of one run (None for a role not in use)."""
@@ -72,14 +65,17 @@ class Roles:
 
 def build_roles(cfg: Config, total_steps: int) -> Roles:
     """Start every role in use and build its model (engines of different roles build concurrently)."""
-    _check_backend(cfg)
     ranks = role_ranks(cfg)
     classes = _worker_classes()
     roles = _build_ray(cfg, ranks, classes) if cfg.cluster.launcher == "ray" else _build_local(cfg, ranks, classes)
-    pending = [group.run_all_async("init_model", total_steps) if name in ("actor", "critic")
-               else group.run_all_async("init_model") for name, group in roles.model_roles().items()]
-    for p in pending:
-        p.get()
+    try:
+        pending = [group.run_all_async("init_model", total_steps) if name in ("actor", "critic")
+                   else group.run_all_async("init_model") for name, group in roles.model_roles().items()]
+        for p in pending:
+            p.get()
+    except BaseException:
+        roles.shutdown()   # no orphaned workers, placement groups or Ray instance after a failed start
+        raise
     return roles
 
 
@@ -96,22 +92,28 @@ def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> R
     if use_gpu is None:   # joined a cluster: its resources decide, not the driver's host
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cpus = cfg.cluster.cpus_per_worker
-    pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus)
     roles = Roles(actor=None, rollout=None, mode="ray")
-    roles._cleanup.append(lambda: (remove_pools(pools), ray.shutdown() if started else None))
-    env = worker_env()
-    for name, n in ranks.items():
-        if n == 0:
-            continue
-        if name == "rollout":
-            from rlhf_ds.rollout.hf_engine import HFRolloutEngine
-            cls, args = HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg))
-        else:
-            cls, args = classes[name], (cfg,)
-        group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
-                          env=env)
-        roles._cleanup.append(group.shutdown)
-        setattr(roles, name, group)
+    roles._cleanup.append(lambda: ray.shutdown() if started else None)
+    try:
+        pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus,
+                             strategy=cfg.cluster.placement_strategy)
+        roles._cleanup.append(lambda: remove_pools(pools))
+        env = worker_env()
+        for name, n in ranks.items():
+            if n == 0:
+                continue
+            if name == "rollout":
+                from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+                cls, args = HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg))
+            else:
+                cls, args = classes[name], (cfg,)
+            group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
+                              env=env)
+            roles._cleanup.append(group.shutdown)
+            setattr(roles, name, group)
+    except BaseException:
+        roles.shutdown()
+        raise
     return roles
 
 

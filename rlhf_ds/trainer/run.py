@@ -24,6 +24,8 @@ def with_warm_start(cfg: Config, log: Log = print) -> Config:
     warm = wait_for_sft(cfg) if follower else run_sft(cfg, log)
     overrides = [f"{role}.model_path={warm}" for role in ("actor", "reference", "critic")
                  if getattr(cfg, role).model_path == base]
+    # The resolved config saved with the run starts from the warm model: re-running it must not warm-start twice.
+    overrides.append("trainer.sft.steps=0")
     return config_from_dict(cfg.to_dict(), overrides)
 
 

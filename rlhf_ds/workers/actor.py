@@ -51,6 +51,10 @@ def actor_loss(model: Any, mb: Experience, algo: Any, *, kl_coef: float, tempera
         entropy_sum = (entropy_from_logits(logits) * weights).sum()
         total = total - algo.entropy_coef * entropy_sum
         metrics["entropy"] = Metric(entropy_sum.item(), MetricKind.SUM)
+    elif mb.token_weights is not None:   # reported even without the bonus (no graph kept)
+        with torch.no_grad():
+            entropy_sum = (entropy_from_logits(logits.detach()) * mb.token_weights.to(device)).sum()
+        metrics["entropy"] = Metric(entropy_sum.item(), MetricKind.SUM)
     metrics["loss"] = Metric(total.item(), MetricKind.SUM)
     return total, metrics
 

@@ -74,6 +74,16 @@ def test_grpo_all_roles_then_resume(ray_session, tmp_path):
     assert rows[-1]["data/position"] == two_step_position + cfg.data.prompts_per_step
     assert latest_checkpoint(out).endswith("step_3")
 
+    # ... and equals an uninterrupted 3-step run: same rollouts (seeded by step), same update, same weights
+    straight = str(tmp_path / "straight")
+    _run("grpo_tiny", straight, ["cluster.colocate=true", "trainer.max_steps=3"])
+    want = _rows(straight)[-1]
+    for key in ("reward/mean", "actor/policy_loss", "actor/kl_loss", "actor/grad_norm", "response/length"):
+        assert rows[-1][key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), key
+    resumed_actor = load_file(os.path.join(out, "actor_hf", "model.safetensors"))
+    straight_actor = load_file(os.path.join(straight, "actor_hf", "model.safetensors"))
+    assert max((resumed_actor[k] - straight_actor[k]).abs().max().item() for k in straight_actor) < 1e-6
+
 
 def test_ppo_all_four_roles(ray_session, tmp_path):
     out = str(tmp_path / "ppo")

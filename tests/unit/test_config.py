@@ -322,9 +322,10 @@ def test_kl_in_reward_needs_token_rewards():
     assert load(*base, "algo.advantage_estimator=reinforce_pp").needs_reference
 
 
-def test_adaptive_kl_needs_a_placement():
+def test_adaptive_kl_needs_a_placement_and_a_start():
     assert_rule(["algo.adaptive_kl=true"], "algo.adaptive_kl=true has no effect")
     load("algo.adaptive_kl=true", recipe="ppo_tiny")
+    assert_rule(["algo.adaptive_kl=true", "algo.kl_coef=0"], "set an initial algo.kl_coef > 0", recipe="ppo_tiny")
 
 
 def test_reward_sources():
@@ -356,8 +357,22 @@ def test_deepspeed_launcher_needs_equal_ranks_across_used_roles():
     load("cluster.launcher=deepspeed", "actor.num_ranks=2")  # grpo_tiny: only the actor is used
 
 
-def test_vllm_backend_is_not_a_config_error():
-    assert load("rollout.backend=vllm").rollout.backend == "vllm"
+def test_vllm_backend_is_refused_before_anything_starts():
+    assert_rule(["rollout.backend=vllm"], "the vLLM rollout engine is not in this release yet")
+
+
+def test_inference_roles_ranks_divide_the_step_and_prompt_mean_keeps_groups_whole():
+    ref = ["algo.kl_placement=loss", "algo.kl_coef=0.1", "reference.model_path=tiny:llama-arith"]
+    assert_rule(ref + ["reference.num_ranks=3"], "reference.num_ranks=3 must divide the 256 sequences")
+    assert load(*ref, "reference.num_ranks=4").reference.num_ranks == 4
+    assert_rule(["algo.loss_reduction=prompt_mean", "algo.mini_batch_size=4", "actor.micro_batch_size=4",
+                 "rollout.n=8"], "algo.mini_batch_size=4 must be a multiple of rollout.n=8")
+    assert load("algo.loss_reduction=prompt_mean", "algo.mini_batch_size=64").algo.mini_batch_size == 64
+
+
+def test_training_temperature_must_be_positive():
+    with pytest.raises(ConfigError, match="rollout.temperature"):
+        load("rollout.temperature=0")
 
 
 def test_all_failing_rules_are_reported_together():

@@ -2,9 +2,8 @@
 import json
 import os
 
-import pytest
 
-from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint, step_dir
+from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint, retire_checkpoints, step_dir
 from rlhf_ds.trainer.logging import RunLogger, summary_line
 from rlhf_ds.trainer.rl_trainer import StageTimer
 
@@ -51,3 +50,14 @@ def test_stage_timer_accumulates_named_stages():
     metrics = timer.metrics()
     assert set(metrics) == {"timing/rollout_s", "timing/step_s"}
     assert 0 <= metrics["timing/rollout_s"] <= metrics["timing/step_s"]
+
+
+def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside(tmp_path):
+    assert retire_checkpoints(str(tmp_path)) is None          # nothing there: nothing to do
+    old = tmp_path / "checkpoints" / "step_900"
+    old.mkdir(parents=True)
+    (old / MARKER).write_text("step 900\n")
+    assert latest_checkpoint(str(tmp_path)).endswith("step_900")
+    retired = retire_checkpoints(str(tmp_path))
+    assert latest_checkpoint(str(tmp_path)) is None          # resume can no longer pick the old run
+    assert os.path.exists(os.path.join(retired, "step_900", MARKER))   # moved, not deleted
