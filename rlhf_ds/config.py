@@ -227,7 +227,8 @@ class TrainerConfig:
 @dataclass(frozen=True)
 class Config:
     """A whole run. Build it with load_config(); it is validated, then immutable."""
-    seed: int = option(0, "seed of sampling, data order and initialisation")
+    seed: int = option(0, "seed of rollout sampling and data order (tiny models are built from their "
+                          "own fixed seed)")
     precision: Precision = option("auto", "auto = bf16 on GPU, fp32 on CPU")
     actor: TrainableRoleConfig = section(TrainableRoleConfig, "the policy being trained",
                                          model_path="tiny:llama-arith")

@@ -143,8 +143,8 @@ class PromptLoader:
 
     def __init__(self, records: list[PromptRecord], batch_size: int, seed: int = 0, shuffle: bool = True):
         if batch_size < 1 or batch_size > len(records):
-            raise ValueError(f"batch_size must be in [1, {len(records)}] (the number of records), "
-                             f"got {batch_size}")
+            raise ValueError(f"batch_size (data.prompts_per_step) must be in [1, {len(records)}] (the number "
+                             f"of records), got {batch_size}")
         self.records = records
         self.batch_size = batch_size
         self.seed = seed

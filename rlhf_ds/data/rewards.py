@@ -66,7 +66,30 @@ def format_reward(prompts: list[str], responses: list[str], answers: list[str], 
     return [1.0 if done and _INTEGER.fullmatch(resp) else 0.0 for resp, done in zip(responses, finished)]
 
 
-REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_reward}
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def final_number(text: str) -> str | None:
+    """The number a worked solution ends on: the one after the last ``####`` (GSM8K's answer marker)
+    when there is one, else the last number in the text; commas dropped, ``72.0`` read as ``72``."""
+    tail = text.rsplit("####", 1)[-1]
+    numbers = _NUMBER.findall(tail)
+    if not numbers:
+        return None
+    value = numbers[-1].replace(",", "")
+    return value[:-2] if value.endswith(".0") else value
+
+
+def final_number_match(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
+                       ) -> list[float]:
+    """1.0 when the response's final number equals the answer's final number AND the response ended on
+    eos: for worked solutions (math datasets such as GSM8K, whose answers end with ``#### N``)."""
+    return [1.0 if done and (got := final_number(resp)) is not None and got == final_number(ans) else 0.0
+            for resp, ans, done in zip(responses, answers, finished)]
+
+
+REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_reward,
+                                         "final_number": final_number_match}
 
 
 def _spec_error(spec: str, why: str) -> RewardFunctionError:

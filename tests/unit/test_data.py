@@ -145,7 +145,7 @@ def test_loader_refuses_mismatched_state_and_bad_batch_size():
     state = PromptLoader(_records(10), 2, seed=0).state_dict()
     with pytest.raises(ValueError, match="10 records"):
         PromptLoader(_records(12), 2, seed=0).load_state_dict(state)
-    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\]"):
+    with pytest.raises(ValueError, match=r"batch_size \(data.prompts_per_step\) must be in \[1, 10\]"):
         PromptLoader(_records(10), 11)
 
 

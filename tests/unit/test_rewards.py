@@ -204,3 +204,16 @@ def test_close_stops_the_workers(user_file):
     assert all(p.poll() is not None for p in processes)
     assert _score(runner)[0] == [1.0, 0.0, 1.0, 0.0]  # restarts on demand
     runner.close()
+
+
+def test_final_number_match_reads_worked_solutions():
+    from rlhf_ds.data.rewards import REWARD_FUNCTIONS, final_number
+
+    assert final_number("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
+    assert final_number("so 1,234 apples.") == "1234" and final_number("x = -3.0") == "-3"
+    assert final_number("no digits here") is None
+    fn = REWARD_FUNCTIONS["final_number"]
+    answers = ["She sold 48 + 24 = 72 clips.\n#### 72"] * 4
+    responses = ["48 + 24 = 72, so the answer is 72", "The answer is 72", "The answer is 71", "no answer"]
+    # eos required: the second response is right but never stopped
+    assert fn([""] * 4, responses, answers, [True, False, True, True]) == [1.0, 0.0, 0.0, 0.0]

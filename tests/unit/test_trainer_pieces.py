@@ -2,7 +2,6 @@
 import json
 import os
 
-
 from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint, retire_checkpoints, step_dir
 from rlhf_ds.trainer.logging import RunLogger, summary_line
 from rlhf_ds.trainer.rl_trainer import StageTimer
