@@ -5,9 +5,11 @@
     cfg.algo.kl_coef = 1             # raises dataclasses.FrozenInstanceError
 
 Every field is documented where it is declared (`option(default, help)`); `rlhf-ds config fields`
-prints them. Enum-like fields are `Literal[...]` aliases declared once below: the validator and its
-error message both read the choices from that alias. Cross-field rules live in `_RULES` at the bottom.
-Derived values (`needs_critic`, `needs_reference`, ...) are properties, never stored.
+prints them. Enum-like fields are annotated with the `Literal[...]` aliases of rlhf_ds/choices.py, where
+every choice list is declared once: the validator and its error message both read the choices from the
+alias. Cross-field rules live in `_RULES` at the bottom, and only there: the math and the engine trust
+a validated config instead of checking the rules again. Derived values (`needs_critic`,
+`loss_norm_len`, ...) are properties, never stored.
 
 Imports no torch, ray, deepspeed or vllm.
 """
@@ -16,42 +18,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from importlib import resources
-from typing import Literal, get_args
 
+from rlhf_ds.choices import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, PRESCALED_REDUCTIONS,
+                             TOKEN_REWARD_ESTIMATORS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode,
+                             KlEstimator, KlPlacement, Launcher, LossReduction, LrSchedule,
+                             PlacementStrategy, PolicyLoss, Precision, RolloutBackend)
 from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
                                    section, to_plain, yaml_dump, yaml_load)
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_overrides", "validate",
-           "list_recipes", "DEFAULT_RECIPE", "POLICY_LOSS_HOMOGENEOUS", "GROUP_ESTIMATORS",
-           "TOKEN_REWARD_ESTIMATORS"]
-
-# ----------------------------------------------------------------------------- choices (declared once)
-
-Precision = Literal["auto", "fp32", "bf16"]
-LrSchedule = Literal["constant", "linear", "cosine"]
-RolloutBackend = Literal["hf", "vllm"]
-CudagraphMode = Literal["auto", "NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
-AdvantageEstimator = Literal["grpo", "grpo_no_std", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"]
-LossReduction = Literal["token_mean", "token_mean_legacy", "sequence_mean", "seq_mean_token_sum_norm",
-                        "prompt_mean"]
-KlEstimator = Literal["k1", "k2", "k3"]
-KlPlacement = Literal["none", "loss", "reward"]
-Launcher = Literal["ray", "deepspeed"]
-PlacementStrategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
-
-# Policy losses and whether each is positively homogeneous in the advantage (loss(c*A) = c*loss(A) for
-# c > 0). This table is the one list of valid `algo.policy_loss` names; rlhf_ds/algo/losses.py must
-# register the same names with the same flags.
-POLICY_LOSS_HOMOGENEOUS: dict[str, bool] = {"ppo": True, "gspo": True}
-PolicyLoss = Literal[tuple(POLICY_LOSS_HOMOGENEOUS)]  # type: ignore[valid-type]  # runtime alias
-
-# Estimators that normalise within the samples of one prompt: they need rollout.n >= 2.
-GROUP_ESTIMATORS = ("grpo", "grpo_no_std", "rloo", "reinforce_pp_baseline")
-# Estimators built on per-token rewards: only they can take the KL penalty inside the reward.
-TOKEN_REWARD_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "gae")
-# Reductions implemented by pre-scaling the advantage (DESIGN.md): every mode is, so a policy loss
-# that is not homogeneous in the advantage would be mis-scaled by any of them.
-PRESCALED_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
+           "list_recipes", "DEFAULT_RECIPE"]
 
 TRAIN_DS_CONFIG = "ds_configs/zero3_train.json"
 EVAL_DS_CONFIG = "ds_configs/zero3_inference.json"
@@ -181,8 +157,8 @@ class AlgoConfig:
     whiten_advantages: bool = option(False, "normalise advantages over the whole batch")
     tis: bool = option(False, "truncated importance sampling between rollout and trainer log-probs")
     tis_cap: float = option(2.0, "cap of the truncated importance weight", gt=0)
-    max_seq_len_norm: int = option(0, "constant L of seq_mean_token_sum_norm; 0 = "
-                                      "rollout.max_response_len", ge=0)
+    loss_norm_len: int = option(0, "constant L of seq_mean_token_sum_norm (token sums are divided by "
+                                   "it); 0 = rollout.max_response_len", ge=0)
 
 
 # ----------------------------------------------------------------------------- cluster and trainer
@@ -214,7 +190,8 @@ class TrainerConfig:
     """The RL loop: length, logging, evaluation, checkpoints."""
     max_steps: int = option(40, "RL steps (one rollout batch each)", ge=1)
     output_dir: str = option("outputs/run", "metrics, TensorBoard events, checkpoints, resolved config")
-    log_interval: int = option(1, "steps between printed summaries", ge=1)
+    log_interval: int = option(0, "steps between printed summary lines; 0 = about 20 lines per run "
+                                  "(max_steps // 20, at least 1)", ge=0)
     eval_interval: int = option(5, "steps between held-out evaluations; 0 = first and last only", ge=0)
     save_interval: int = option(0, "steps between checkpoints; 0 = only at the end", ge=0)
     resume: bool = option(False, "continue from the latest complete checkpoint in output_dir")
@@ -256,12 +233,17 @@ class Config:
     @property
     def trainable_roles(self) -> tuple[str, ...]:
         """Names of the roles that take optimizer steps in this run."""
-        return ("actor", "critic") if self.needs_critic else ("actor",)
+        return TRAINABLE_ROLES if self.needs_critic else ("actor",)
 
     @property
     def loss_norm_len(self) -> int:
-        """The constant L of seq_mean_token_sum_norm."""
-        return self.algo.max_seq_len_norm or self.rollout.max_response_len
+        """The constant L of seq_mean_token_sum_norm (`algo.loss_norm_len`, 0 resolved)."""
+        return self.algo.loss_norm_len or self.rollout.max_response_len
+
+    @property
+    def summary_interval(self) -> int:
+        """Steps between printed summary lines (`trainer.log_interval`; 0 = about 20 per run)."""
+        return self.trainer.log_interval or max(1, self.trainer.max_steps // 20)
 
     def to_dict(self) -> dict:
         return to_plain(self)
@@ -314,6 +296,8 @@ def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> 
 # ----------------------------------------------------------------------------- cross-field rules
 
 def _batch_rules(cfg: Config):
+    """The step splits into mini-batches, and those into equal per-rank shares of whole micro-batches
+    (the DeepSpeed config and the training step rely on it and do not check again)."""
     algo, rollout_batch = cfg.algo, cfg.data.prompts_per_step * cfg.rollout.n
     if rollout_batch % algo.mini_batch_size:
         yield (f"data.prompts_per_step * rollout.n = {cfg.data.prompts_per_step} * {cfg.rollout.n} = "
@@ -325,9 +309,6 @@ def _batch_rules(cfg: Config):
         if rollout_batch % ranks:
             yield (f"{name}.num_ranks={ranks} must divide the {rollout_batch} sequences of a step "
                    f"(data.prompts_per_step * rollout.n), which are split evenly over its ranks")
-    if algo.loss_reduction == "prompt_mean" and algo.mini_batch_size % cfg.rollout.n:
-        yield (f"algo.loss_reduction='prompt_mean' needs whole prompt groups in every mini-batch: "
-               f"algo.mini_batch_size={algo.mini_batch_size} must be a multiple of rollout.n={cfg.rollout.n}")
     for name in cfg.trainable_roles:
         role = getattr(cfg, name)
         per_pass = role.num_ranks * role.micro_batch_size
@@ -338,6 +319,7 @@ def _batch_rules(cfg: Config):
 
 
 def _estimator_rules(cfg: Config):
+    """Group estimators need several samples per prompt; gae needs a critic."""
     algo = cfg.algo
     if algo.advantage_estimator in GROUP_ESTIMATORS and cfg.rollout.n < 2:
         yield (f"algo.advantage_estimator={algo.advantage_estimator!r} normalises within each prompt's "
@@ -345,6 +327,11 @@ def _estimator_rules(cfg: Config):
                f"{', '.join(GROUP_ESTIMATORS)})")
     if cfg.needs_critic and not cfg.critic.model_path:
         yield "algo.advantage_estimator='gae' needs a critic: set critic.model_path"
+
+
+def _loss_rules(cfg: Config):
+    """What the policy loss and its reduction need (algo.losses / algo.reduction assume them)."""
+    algo = cfg.algo
     if (not POLICY_LOSS_HOMOGENEOUS[algo.policy_loss]
             and algo.loss_reduction in PRESCALED_REDUCTIONS):
         homogeneous = [k for k, v in POLICY_LOSS_HOMOGENEOUS.items() if v]
@@ -353,9 +340,19 @@ def _estimator_rules(cfg: Config):
                f"mis-scale it; homogeneous losses: {', '.join(homogeneous)}")
     if algo.dual_clip != 0 and not algo.dual_clip > 1:
         yield f"algo.dual_clip must be 0 (off) or > 1, got {algo.dual_clip!r}"
+    if algo.loss_reduction == "prompt_mean" and algo.mini_batch_size % cfg.rollout.n:
+        yield (f"algo.loss_reduction='prompt_mean' needs whole prompt groups in every mini-batch: "
+               f"algo.mini_batch_size={algo.mini_batch_size} must be a multiple of rollout.n={cfg.rollout.n}")
+    # One set of per-token weights serves actor and critic, and the legacy mode's chunks are micro-batches.
+    if (algo.loss_reduction == "token_mean_legacy" and cfg.needs_critic
+            and cfg.critic.micro_batch_size != cfg.actor.micro_batch_size):
+        yield (f"algo.loss_reduction='token_mean_legacy' averages per micro-batch, and actor and critic "
+               f"share its token weights: critic.micro_batch_size={cfg.critic.micro_batch_size} must "
+               f"equal actor.micro_batch_size={cfg.actor.micro_batch_size}")
 
 
 def _kl_rules(cfg: Config):
+    """The KL penalty needs a reference, and per-token rewards when it goes into the reward."""
     algo = cfg.algo
     if algo.kl_placement != "none" and not cfg.reference.model_path:
         yield (f"algo.kl_placement={algo.kl_placement!r} needs a reference model: set "
@@ -406,7 +403,7 @@ def _roles_in_use(cfg: Config) -> list[str]:
     return roles + (["reward"] if cfg.uses_reward_model else [])
 
 
-_RULES = (_batch_rules, _estimator_rules, _kl_rules, _reward_rules, _runtime_rules)
+_RULES = (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules)
 
 
 def validate(cfg: Config) -> None:

@@ -3,8 +3,8 @@
 Nothing here knows the rlhf_ds config tree; config.py declares the tree and the cross-field rules.
 Every field is declared with `option(default, help, ...)` (or `section(cls, help)` for a nested
 dataclass), so its documentation sits where it is declared and `iter_fields` can print it. Enum-like
-fields are annotated `Literal[...]`: the annotation is the one source of the valid choices, read by
-both the check and its error message through `typing.get_args`.
+fields are annotated `Literal[...]` (the aliases of rlhf_ds/choices.py): the annotation is the one
+source of the valid choices, read by both the check and its error message through `typing.get_args`.
 
 Pure Python + PyYAML: no torch, ray, deepspeed or vllm imports.
 """

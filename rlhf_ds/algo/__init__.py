@@ -1,12 +1,15 @@
 """The RL math of rlhf_ds: pure functions over tensors (no ray, deepspeed, vllm or config imports).
 
 See DESIGN.md, "The loss and gradient contract": advantages are computed per rollout batch
-(``compute_advantages``), pre-scaled once per mini-batch for the loss reduction mode
-(``scale_advantages``), and every per-token loss is then reduced by a masked / weighted sum.
+(``compute_advantages``), weighted per token once per mini-batch for the loss reduction mode
+(``token_weights``, ``weighted_advantages``; ``scale_advantages`` does both), and every per-token loss
+is then reduced by a masked / weighted sum.
+
+The choice lists re-exported here (``ADVANTAGE_ESTIMATORS``, ``TOKEN_REWARD_ESTIMATORS``,
+``KL_ESTIMATORS``, ``LOSS_REDUCTIONS``) are declared in rlhf_ds/choices.py. Settings are validated once,
+by the config; these functions check only their own arguments.
 """
 from rlhf_ds.algo.advantages import (
-    ADVANTAGE_ESTIMATORS,
-    TOKEN_REWARD_ESTIMATORS,
     AdvantageOutput,
     compute_advantages,
     discounted_returns,
@@ -18,10 +21,9 @@ from rlhf_ds.algo.advantages import (
 from rlhf_ds.algo.entropy import entropy_from_logits
 from rlhf_ds.algo.kl_controller import AdaptiveKLController, FixedKLController, make_kl_controller
 from rlhf_ds.algo.losses import (
-    KL_ESTIMATORS,
     POLICY_LOSSES,
     POLICY_STAT_KINDS,
-    PolicyLossSpec,
+    PolicyLossFn,
     get_policy_loss,
     gspo_policy_loss,
     kl_penalty,
@@ -38,7 +40,8 @@ from rlhf_ds.algo.metrics import (
     reduce_metrics_across_microbatches,
     reduce_metrics_across_minibatches,
 )
-from rlhf_ds.algo.reduction import LOSS_REDUCTIONS, scale_advantages, token_weights
+from rlhf_ds.algo.reduction import scale_advantages, token_weights, weighted_advantages
+from rlhf_ds.choices import ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_REDUCTIONS, TOKEN_REWARD_ESTIMATORS
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -57,7 +60,7 @@ __all__ = [
     "KL_ESTIMATORS",
     "POLICY_LOSSES",
     "POLICY_STAT_KINDS",
-    "PolicyLossSpec",
+    "PolicyLossFn",
     "get_policy_loss",
     "gspo_policy_loss",
     "kl_penalty",
@@ -74,4 +77,5 @@ __all__ = [
     "LOSS_REDUCTIONS",
     "scale_advantages",
     "token_weights",
+    "weighted_advantages",
 ]

@@ -11,7 +11,7 @@ Robustness, shared by every estimator:
   every statistic (group means, batch whitening) and gets advantage and return 0. The number of
   such rows is returned as ``AdvantageOutput.num_nonfinite`` so the trainer can log it.
 
-Estimators (``ADVANTAGE_ESTIMATORS``):
+Estimators (``ADVANTAGE_ESTIMATORS``, declared in rlhf_ds/choices.py):
 
 * ``grpo``: (r - mean_g) / (std_g + eps), unbiased std over the group (Shao et al. 2024).
 * ``grpo_no_std``: r - mean_g (Dr. GRPO, Liu et al. 2025).
@@ -20,18 +20,18 @@ Estimators (``ADVANTAGE_ESTIMATORS``):
 * ``reinforce_pp_baseline``: group mean subtracted from the score first, then as ``reinforce_pp``.
 * ``gae``: generalised advantage estimation with a critic (Schulman et al. 2016); returns = A + V.
 
-Token rewards (``reinforce_pp*``, ``gae``) are the score on the last response token minus
-``kl_coef * kl`` on every token (KL-in-reward shaping), see ``kl_shaped_token_rewards``.
+Token rewards (``TOKEN_REWARD_ESTIMATORS``: ``reinforce_pp*``, ``gae``) are the score on the last
+response token minus ``kl_coef * kl`` on every token (KL-in-reward shaping), see
+``kl_shaped_token_rewards``. The other estimators have no token rewards and ignore ``kl``; the config
+refuses ``algo.kl_placement=reward`` with them (rlhf_ds/config.py, the one place that rule lives).
 """
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Optional, get_args
+from typing import NamedTuple, Optional
 
 import torch
 
-AdvantageEstimator = Literal["grpo", "grpo_no_std", "rloo", "reinforce_pp", "reinforce_pp_baseline", "gae"]
-ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
-TOKEN_REWARD_ESTIMATORS = ("reinforce_pp", "reinforce_pp_baseline", "gae")
+from rlhf_ds.choices import ADVANTAGE_ESTIMATORS, TOKEN_REWARD_ESTIMATORS
 
 
 class AdvantageOutput(NamedTuple):
@@ -194,7 +194,7 @@ def compute_advantages(
         scores [B]; response_mask [B, R]; group_ids [B];
         values [B, R] old critic values (``gae`` only);
         kl [B, R] per-token KL to the reference, shaped into the token rewards with ``kl_coef``
-            (``reinforce_pp``, ``reinforce_pp_baseline``, ``gae`` only: the others have no token rewards);
+            (``TOKEN_REWARD_ESTIMATORS`` only; the others have no token rewards and ignore it);
         gamma, lam: discount and GAE lambda; whiten: extra batch whitening for grpo / rloo / gae
         (``reinforce_pp*`` always whiten); eps: GRPO std epsilon.
     """
@@ -202,14 +202,9 @@ def compute_advantages(
         raise ValueError(
             f"algo.advantage_estimator: unknown {estimator!r}; valid choices: {list(ADVANTAGE_ESTIMATORS)}"
         )
-    if kl is not None and kl_coef != 0.0 and estimator not in TOKEN_REWARD_ESTIMATORS:
-        raise ValueError(
-            f"KL in the reward needs token rewards: estimator {estimator!r} has none; "
-            f"use one of {list(TOKEN_REWARD_ESTIMATORS)} or put the KL in the loss"
-        )
     clean, finite, num_nonfinite = _finite_scores(scores)
     mask = (response_mask != 0) & finite.unsqueeze(1)
-    if estimator in ("grpo", "grpo_no_std", "rloo"):
+    if estimator not in TOKEN_REWARD_ESTIMATORS:  # grpo, grpo_no_std, rloo: one advantage per sequence
         seq_adv, _ = group_baseline_advantages(scores, group_ids, estimator, eps)
         advantages = torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), torch.zeros_like(mask, dtype=clean.dtype))
         if whiten:

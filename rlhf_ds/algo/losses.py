@@ -14,21 +14,21 @@ Departures from the papers, on purpose:
   Its value is the sequence ratio and its gradient is ``s_i * grad log pi(y_t)``; reduced with
   ``sequence_mean`` it is exactly the paper's sequence objective, and it can be reduced with any
   other mode like every other loss.
+
+Settings are not checked again here: the config validator (rlhf_ds/config.py) is the one place that
+refuses a clip range outside [0, 1) or a dual clip that is neither 0 nor > 1.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Literal, Optional, get_args
+from typing import Callable, Optional
 
 import torch
 
 from rlhf_ds.algo.metrics import MetricKind
+from rlhf_ds.choices import KL_ESTIMATORS
 
 LOG_RATIO_CLAMP = 20.0
-
-KlEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 
 # Kinds of the stats returned by policy_loss: each is a statistic of the tokens it was given.
 # approx_kl is the k3 estimate of KL(pi_theta || pi_old), a drift diagnostic (not a loss term).
@@ -47,15 +47,6 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """0-dim mean of x over mask (0 when the mask is empty)."""
     x = torch.where(mask, x, torch.zeros_like(x))
     return x.sum() / mask.sum().clamp(min=1)
-
-
-def _check_clip(clip_low: float, clip_high: float, dual_clip: float) -> None:
-    if not 0.0 <= clip_low < 1.0:
-        raise ValueError(f"algo.clip_low must be in [0, 1), got {clip_low}")
-    if clip_high < 0.0:
-        raise ValueError(f"algo.clip_high must be >= 0, got {clip_high}")
-    if dual_clip != 0.0 and dual_clip <= 1.0:
-        raise ValueError(f"algo.dual_clip must be 0 (off) or > 1, got {dual_clip}")
 
 
 def _clipped_surrogate(
@@ -144,31 +135,19 @@ def gspo_policy_loss(
     return _clipped_surrogate(ratio, advantages, mask, clip_low, clip_high, dual_clip)
 
 
-@dataclass(frozen=True)
-class PolicyLossSpec:
-    fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
-    # loss(c * A) == c * loss(A) for c >= 0: required by advantage pre-scaling (algo.reduction).
-    homogeneous: bool
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+# Name -> function of every `algo.policy_loss` choice. Whether a loss is homogeneous in the advantage
+# (which pre-scaling needs) is recorded once, in rlhf_ds.choices.POLICY_LOSS_HOMOGENEOUS, and enforced
+# by the config validator.
+POLICY_LOSSES: dict[str, PolicyLossFn] = {"ppo": ppo_policy_loss, "gspo": gspo_policy_loss}
 
 
-POLICY_LOSSES: dict[str, PolicyLossSpec] = {
-    "ppo": PolicyLossSpec(ppo_policy_loss, homogeneous=True),
-    "gspo": PolicyLossSpec(gspo_policy_loss, homogeneous=True),
-}
-
-
-def get_policy_loss(name: str) -> PolicyLossSpec:
-    """The registered loss ``name``; refuses unknown names and losses that pre-scaling would mis-scale."""
+def get_policy_loss(name: str) -> PolicyLossFn:
+    """The function of the policy loss ``name``."""
     if name not in POLICY_LOSSES:
         raise ValueError(f"algo.policy_loss: unknown loss {name!r}; valid choices: {sorted(POLICY_LOSSES)}")
-    spec = POLICY_LOSSES[name]
-    if not spec.homogeneous:
-        raise ValueError(
-            f"algo.policy_loss={name!r} is not positively homogeneous in the advantage, so no "
-            f"loss_reduction mode (all pre-scale advantages) reduces it correctly; "
-            f"homogeneous losses: {sorted(n for n, s in POLICY_LOSSES.items() if s.homogeneous)}"
-        )
-    return spec
+    return POLICY_LOSSES[name]
 
 
 def policy_loss(
@@ -188,14 +167,13 @@ def policy_loss(
     ``is_weights`` [B, R] (from ``truncated_is_weights``) multiplies the loss per token; it is
     detached here so it never carries gradient. Stats are means over the masked tokens given.
     """
-    spec = get_policy_loss(name)
-    _check_clip(clip_low, clip_high, dual_clip)
+    loss_fn = get_policy_loss(name)
     shape = logprobs.shape
     for label, tensor in (("old_logprobs", old_logprobs), ("advantages", advantages), ("response_mask", response_mask)):
         if tensor.shape != shape:
             raise ValueError(f"{label} has shape {tuple(tensor.shape)}, logprobs {tuple(shape)}")
     mask = response_mask != 0
-    loss, stats = spec.fn(
+    loss, stats = loss_fn(
         logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip
     )
     if is_weights is not None:

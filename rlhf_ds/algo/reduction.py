@@ -15,7 +15,7 @@ rows is the sum over the whole, every dp / micro-batch layout yields the same ob
 | ``prompt_mean``            | P * N_p  | mean over prompt groups of their token means  |
 
 N: loss tokens; n_i: tokens of sequence i; B: sequences (empty ones included); K: micro-batches;
-N_k: tokens of micro-batch k; L: ``max_seq_len``; P: prompt groups; N_p: tokens of group p.
+N_k: tokens of micro-batch k; L: ``loss_norm_len``; P: prompt groups; N_p: tokens of group p.
 A zero count (empty response, micro-batch or group) gives weight 0, never a division by zero.
 
 ``token_mean_legacy`` cuts the mini-batch into consecutive chunks of ``micro_batch_size`` rows.
@@ -24,18 +24,19 @@ is a multiple of ``micro_batch_size``; otherwise the objective is still well def
 invariant) but is the chunking of the global batch.
 
 Pre-scaling is exact only for policy losses positively homogeneous in the advantage
-(``loss(c * A) = c * loss(A)`` for c >= 0): PPO clip, dual clip, GSPO. ``algo.losses`` refuses others.
+(``loss(c * A) = c * loss(A)`` for c >= 0): PPO clip, dual clip, GSPO. The config validator refuses
+others (``rlhf_ds.choices.POLICY_LOSS_HOMOGENEOUS``).
+
+The trainer computes ``token_weights`` once per mini-batch and sends them to every role; the actor
+applies ``weighted_advantages`` itself. ``scale_advantages`` does both in one call.
 """
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from typing import Optional
 
 import torch
 
-LossReduction = Literal[
-    "token_mean", "token_mean_legacy", "sequence_mean", "seq_mean_token_sum_norm", "prompt_mean"
-]
-LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
+from rlhf_ds.choices import LOSS_REDUCTIONS
 
 
 def _safe_reciprocal(count: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,7 @@ def token_weights(
     *,
     group_ids: Optional[torch.Tensor] = None,
     micro_batch_size: Optional[int] = None,
-    max_seq_len: Optional[int] = None,
+    loss_norm_len: Optional[int] = None,
     dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Per-token reduction weights of ``mode``.
@@ -59,7 +60,7 @@ def token_weights(
         mode: one of ``LOSS_REDUCTIONS``.
         group_ids: [B] prompt index of each row (``prompt_mean``).
         micro_batch_size: rows per micro-batch (``token_mean_legacy``).
-        max_seq_len: the constant L (``seq_mean_token_sum_norm``).
+        loss_norm_len: the constant L (``seq_mean_token_sum_norm``; ``Config.loss_norm_len``).
         dtype: dtype of the result (default: the mask's float dtype, else float32). Counts and
             divisors are computed in float64 so they are exact whatever the result dtype.
     Returns:
@@ -80,9 +81,9 @@ def token_weights(
     elif mode == "sequence_mean":
         divisor_inv = _safe_reciprocal(per_row) / max(num_rows, 1)
     elif mode == "seq_mean_token_sum_norm":
-        if max_seq_len is None or max_seq_len <= 0:
-            raise ValueError(f"seq_mean_token_sum_norm needs max_seq_len > 0, got {max_seq_len!r}")
-        divisor_inv = torch.full_like(per_row, 1.0 / (max(num_rows, 1) * max_seq_len))
+        if loss_norm_len is None or loss_norm_len <= 0:
+            raise ValueError(f"seq_mean_token_sum_norm needs loss_norm_len > 0, got {loss_norm_len!r}")
+        divisor_inv = torch.full_like(per_row, 1.0 / (max(num_rows, 1) * loss_norm_len))
     elif mode == "token_mean_legacy":
         divisor_inv = _legacy_row_factor(per_row, micro_batch_size)
     else:
@@ -115,6 +116,20 @@ def _prompt_row_factor(per_row: torch.Tensor, group_ids: Optional[torch.Tensor])
     return _safe_reciprocal(group_tokens)[group_of_row] / max(num_groups, 1)
 
 
+def weighted_advantages(advantages: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """advantages [B, R] * token weights [B, R] (from ``token_weights``) -> [B, R], 0 where the weight is 0.
+
+    The policy loss of a positively homogeneous objective, computed with these and reduced by a
+    masked sum, is the mode's objective over any layout of the rows.
+    """
+    if advantages.shape != weights.shape:
+        raise ValueError(
+            f"advantages {tuple(advantages.shape)} and weights {tuple(weights.shape)} differ in shape"
+        )
+    # torch.where, not a product, so that garbage (even inf) on padding cannot leak as NaN.
+    return torch.where(weights != 0, advantages * weights.to(advantages.dtype), torch.zeros_like(advantages))
+
+
 def scale_advantages(
     advantages: torch.Tensor,
     response_mask: torch.Tensor,
@@ -122,15 +137,15 @@ def scale_advantages(
     *,
     group_ids: Optional[torch.Tensor] = None,
     micro_batch_size: Optional[int] = None,
-    max_seq_len: Optional[int] = None,
+    loss_norm_len: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pre-scale one whole mini-batch's advantages for the reduction ``mode``.
 
     Args:
         advantages: [B, R] per-token advantages of the global mini-batch (all ranks).
-        response_mask, mode, group_ids, micro_batch_size, max_seq_len: see ``token_weights``.
+        response_mask, mode, group_ids, micro_batch_size, loss_norm_len: see ``token_weights``.
     Returns:
-        scaled_advantages [B, R] = advantages * token_weights (0 on padding), and
+        scaled_advantages [B, R] = ``weighted_advantages(advantages, token_weights)``, and
         token_weights [B, R], so that ``sum(loss_per_token(scaled) * mask)`` over the pieces of any
         layout is the mode's objective for a positively homogeneous loss, and
         ``sum(term * token_weights)`` reduces any other per-token term the same way.
@@ -144,9 +159,7 @@ def scale_advantages(
         mode,
         group_ids=group_ids,
         micro_batch_size=micro_batch_size,
-        max_seq_len=max_seq_len,
+        loss_norm_len=loss_norm_len,
         dtype=advantages.dtype,
     )
-    # torch.where, not a product, so that garbage (even inf) on padding cannot leak as NaN.
-    scaled = torch.where(weights != 0, advantages * weights, torch.zeros_like(advantages))
-    return scaled, weights
+    return weighted_advantages(advantages, weights), weights

@@ -15,10 +15,10 @@ from typing import Any, Optional
 
 import torch
 
+from rlhf_ds.choices import LR_SCHEDULES, ROLES, TRAINABLE_ROLES
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.ds_config import TRAINABLE_ROLES, ROLES, role_ds_config, write_ds_config
+from rlhf_ds.engine.ds_config import role_ds_config, write_ds_config
 
-LR_SCHEDULES = ("constant", "linear", "cosine")
 CAUSAL_ROLES = ("actor", "reference")
 
 
@@ -56,7 +56,6 @@ class RoleEngine:
     ds_config: dict
     model_path: str
     tokenizer: Any = None            # None when the directory has no tokenizer files
-    # transformers finds the ZeRO-3 switch through a weak reference to this object: keep it alive.
 
     @property
     def module(self) -> torch.nn.Module:

@@ -16,6 +16,9 @@ Ownership of keys (one rule, applied by :func:`merge_ds_config`):
 DeepSpeed's ``train_batch_size`` is bookkeeping here: the training step sets the accumulation boundary
 itself and scales the loss for sum semantics (``engine.step``), so the true mini-batch is
 ``algo.mini_batch_size`` even when it is not a multiple of ``micro * dp``.
+
+The run's batch arithmetic (the mini-batch splits evenly over the ranks) is a config rule, checked once
+by the validator in rlhf_ds/config.py; this module trusts it.
 """
 from __future__ import annotations
 
@@ -26,12 +29,10 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from rlhf_ds.choices import PRECISIONS, ROLES, TRAINABLE_ROLES
+
 AUTO = "auto"
-TRAINABLE_ROLES = ("actor", "critic")
-INFERENCE_ROLES = ("reference", "reward")
-ROLES = TRAINABLE_ROLES + INFERENCE_ROLES
 REPO_ROOT = Path(__file__).resolve().parents[2]
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_ds_config_path(path: str) -> Path:
@@ -130,7 +131,7 @@ def merge_ds_config(template: dict, *, role: str, role_cfg: Any, precision: str,
 
     template: parsed JSON; role: actor | critic | reference | reward; role_cfg: the role's section of the
     config tree; precision: auto | fp32 | bf16; mini_batch_size: sequences per optimizer step over all
-    ranks (trainable roles; ignored for inference roles).
+    ranks, a multiple of ``dp_size`` (trainable roles; ignored for inference roles).
     """
     if role not in ROLES:
         raise ValueError(f"role={role!r}; valid: {list(ROLES)}")
@@ -139,9 +140,8 @@ def merge_ds_config(template: dict, *, role: str, role_cfg: Any, precision: str,
     trainable = role in TRAINABLE_ROLES
     micro = int(role_cfg.micro_batch_size)
     if trainable:
-        if mini_batch_size is None or mini_batch_size % dp_size:
-            raise ValueError(f"algo.mini_batch_size={mini_batch_size} must be a multiple of "
-                             f"{role}.num_ranks={dp_size}")
+        if mini_batch_size is None:
+            raise ValueError(f"role={role!r} takes optimizer steps: pass its mini_batch_size")
         per_rank = mini_batch_size // dp_size
     else:
         per_rank = micro

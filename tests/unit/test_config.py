@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from rlhf_ds import cli, config
-from rlhf_ds.config import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, AlgoConfig, Config, ConfigError,
-                            load_config, parse_overrides, validate)
+from rlhf_ds.choices import (ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS,
+                             PRESCALED_REDUCTIONS, TOKEN_REWARD_ESTIMATORS)
+from rlhf_ds.config import Config, ConfigError, load_config, parse_overrides, validate
 from rlhf_ds.config_loader import apply_overrides, build, iter_fields
 
 
@@ -174,16 +175,6 @@ def test_invalid_enum_suggests_the_closest_choice():
         load("algo.loss_reduction=sequense_mean")
 
 
-def test_enum_tables_agree():
-    assert get_args(get_type_hints(AlgoConfig)["policy_loss"]) == tuple(POLICY_LOSS_HOMOGENEOUS)
-    assert set(GROUP_ESTIMATORS) < set(get_args(get_type_hints(AlgoConfig)["advantage_estimator"]))
-
-
-def test_policy_loss_flags_match_the_algo_registry():
-    from rlhf_ds.algo.losses import POLICY_LOSSES
-    assert {name: spec.homogeneous for name, spec in POLICY_LOSSES.items()} == POLICY_LOSS_HOMOGENEOUS
-
-
 # ----------------------------------------------------------------------------- types and bounds
 
 @pytest.mark.parametrize("override,expected", [
@@ -281,10 +272,10 @@ def test_gae_needs_a_critic():
 
 
 def test_loss_reduction_refused_for_non_homogeneous_loss(monkeypatch):
-    for mode in config.PRESCALED_REDUCTIONS:
+    for mode in PRESCALED_REDUCTIONS:
         load("algo.policy_loss=gspo", f"algo.loss_reduction={mode}")
     monkeypatch.setitem(POLICY_LOSS_HOMOGENEOUS, "gspo", False)
-    for mode in config.PRESCALED_REDUCTIONS:
+    for mode in PRESCALED_REDUCTIONS:
         assert_rule(["algo.policy_loss=gspo", f"algo.loss_reduction={mode}"],
                     f"algo.policy_loss='gspo' is not positively homogeneous in the advantage, so "
                     f"algo.loss_reduction={mode!r}")
@@ -294,6 +285,7 @@ def test_loss_reduction_refused_for_non_homogeneous_loss(monkeypatch):
 @pytest.mark.parametrize("value,ok", [(0, True), (1.01, True), (3, True), (1, False), (0.5, False),
                                       (-2, False)])
 def test_dual_clip_is_zero_or_above_one(value, ok):
+    # the one check of dual_clip (the losses trust it); clip_low / clip_high bounds: test_bounds
     if ok:
         assert load(f"algo.dual_clip={value}").algo.dual_clip == value
     else:
@@ -311,15 +303,18 @@ def test_kl_placement_needs_reference(placement):
 
 
 def test_kl_in_reward_needs_token_rewards():
-    from rlhf_ds.algo.advantages import TOKEN_REWARD_ESTIMATORS
-    from rlhf_ds.config import TOKEN_REWARD_ESTIMATORS as declared
-
-    assert declared == TOKEN_REWARD_ESTIMATORS
+    # the one check of this rule (compute_advantages trusts it)
     base = ["algo.kl_placement=reward", "algo.kl_coef=0.1", "reference.model_path=tiny:llama-arith"]
-    for estimator in ("grpo", "grpo_no_std", "rloo"):
+    sequence_level = [e for e in ADVANTAGE_ESTIMATORS if e not in TOKEN_REWARD_ESTIMATORS]
+    assert sequence_level == ["grpo", "grpo_no_std", "rloo"]
+    for estimator in sequence_level:
         assert_rule(base + [f"algo.advantage_estimator={estimator}"],
-                    "algo.kl_placement='reward' needs per-token rewards")
-    assert load(*base, "algo.advantage_estimator=reinforce_pp").needs_reference
+                    f"algo.kl_placement='reward' needs per-token rewards, which "
+                    f"algo.advantage_estimator={estimator!r} has not; use one of "
+                    f"{', '.join(TOKEN_REWARD_ESTIMATORS)}")
+    for estimator in TOKEN_REWARD_ESTIMATORS:
+        assert load(*base, f"algo.advantage_estimator={estimator}",
+                    "critic.model_path=tiny:llama-arith-value").needs_reference
 
 
 def test_adaptive_kl_needs_a_placement_and_a_start():
@@ -370,6 +365,17 @@ def test_inference_roles_ranks_divide_the_step_and_prompt_mean_keeps_groups_whol
     assert load("algo.loss_reduction=prompt_mean", "algo.mini_batch_size=64").algo.mini_batch_size == 64
 
 
+def test_token_mean_legacy_needs_equal_actor_and_critic_micro_batches():
+    legacy = "algo.loss_reduction=token_mean_legacy"
+    assert load(legacy, recipe="ppo_tiny").critic.micro_batch_size == 32  # actor 32 too
+    load(legacy, "critic.micro_batch_size=16")  # grpo_tiny: no critic
+    load("critic.micro_batch_size=16", recipe="ppo_tiny")  # other modes: each role its own micro-batches
+    assert_rule([legacy, "critic.micro_batch_size=16"],
+                "algo.loss_reduction='token_mean_legacy' averages per micro-batch, and actor and critic "
+                "share its token weights: critic.micro_batch_size=16 must equal actor.micro_batch_size=32",
+                recipe="ppo_tiny")
+
+
 def test_training_temperature_must_be_positive():
     with pytest.raises(ConfigError, match="rollout.temperature"):
         load("rollout.temperature=0")
@@ -398,10 +404,21 @@ def test_derived_values_are_properties_not_fields():
     cfg = load_config("ppo_tiny")
     assert (cfg.needs_critic, cfg.needs_reference, cfg.uses_reward_model) == (True, True, False)
     assert cfg.loss_norm_len == cfg.rollout.max_response_len == 16
-    assert load("algo.max_seq_len_norm=40").loss_norm_len == 40
+    assert load("algo.loss_norm_len=40").loss_norm_len == 40
     names = {f.path.split(".")[-1] for f in iter_fields(Config)}
-    assert not {"needs_critic", "needs_reference", "uses_reward_model"} & names
+    assert not {"needs_critic", "needs_reference", "uses_reward_model", "summary_interval"} & names
     assert "needs_critic" not in cfg.to_dict()
+
+
+def test_summary_interval_is_about_twenty_lines_per_run_by_default():
+    assert Config().trainer.log_interval == 0
+    assert load("trainer.max_steps=900").summary_interval == 45
+    assert load("trainer.max_steps=41").summary_interval == 2
+    assert load("trainer.max_steps=19").summary_interval == 1  # never 0, even for short runs
+    cfg = load("trainer.max_steps=900", "trainer.log_interval=7")
+    assert cfg.summary_interval == 7 and cfg.trainer.log_interval == 7
+    with pytest.raises(ConfigError, match=r"trainer\.log_interval: must be >= 0, got -1"):
+        load("trainer.log_interval=-1")
 
 
 def test_to_yaml_round_trip(tmp_path):

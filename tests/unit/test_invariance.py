@@ -33,7 +33,7 @@ from rlhf_ds.algo import (
 B, R, V, D = 12, 5, 7, 4
 LENGTHS = [5, 3, 0, 1, 4, 2, 5, 1, 3, 2, 4, 5]  # row 2 is an empty response
 GROUP_IDS = [0, 0, 0, 0, 1, 1, 2, 2, 2, 3, 3, 3]  # uneven groups, crossing dp shard boundaries
-MAX_SEQ_LEN = 6
+LOSS_NORM_LEN = 6
 KL_COEF, ENT_COEF, VF_COEF = 0.1, 0.01, 0.5
 CLIP = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
 VALUE_CLIP, TIS_CAP = 0.2, 2.0
@@ -121,7 +121,7 @@ def run_layout(problem, mode, loss_name, dp, micro):
         mode,
         group_ids=problem.group_ids,
         micro_batch_size=micro,
-        max_seq_len=MAX_SEQ_LEN,
+        loss_norm_len=LOSS_NORM_LEN,
     )
     rank_grads, rank_metrics = [], []
     for pieces in layout_pieces(dp, micro):
@@ -183,7 +183,7 @@ def reference_objective(token_loss, mode, micro):
     if mode == "sequence_mean":
         return mean_over([[i] for i in range(B)])
     if mode == "seq_mean_token_sum_norm":
-        return sum(seq_sum(i) / MAX_SEQ_LEN for i in range(B)) / B
+        return sum(seq_sum(i) / LOSS_NORM_LEN for i in range(B)) / B
     assert mode == "prompt_mean"
     return mean_over([[i for i in range(B) if GROUP_IDS[i] == g] for g in sorted(set(GROUP_IDS))])
 

@@ -8,7 +8,6 @@ from rlhf_ds.algo import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     POLICY_STAT_KINDS,
-    PolicyLossSpec,
     entropy_from_logits,
     get_policy_loss,
     kl_penalty,
@@ -18,6 +17,7 @@ from rlhf_ds.algo import (
     truncated_is_weights,
     value_loss,
 )
+from rlhf_ds.choices import POLICY_LOSS_HOMOGENEOUS
 
 F64 = torch.float64
 CLIP = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
@@ -70,9 +70,11 @@ def test_stats_have_declared_kinds():
     assert metrics["approx_kl"].value == 0.0
 
 
-@pytest.mark.parametrize("name", sorted(POLICY_LOSSES))
+@pytest.mark.parametrize("name", sorted(name for name, flag in POLICY_LOSS_HOMOGENEOUS.items() if flag))
 def test_policy_losses_are_positively_homogeneous_in_the_advantage(name):
-    """The property advantage pre-scaling relies on: loss(c A) = c loss(A) for c >= 0, values and grads."""
+    """The property advantage pre-scaling relies on: loss(c A) = c loss(A) for c >= 0, values and grads.
+
+    Run for every loss the choices table flags homogeneous, so each flag is proven on its function."""
     gen = torch.Generator().manual_seed(1)
     logprobs = (torch.randn(4, 6, generator=gen, dtype=F64) * 0.5).requires_grad_()
     old = torch.randn(4, 6, generator=gen, dtype=F64) * 0.5
@@ -146,34 +148,9 @@ def test_unknown_policy_loss_lists_choices():
     assert all(name in str(err.value) for name in POLICY_LOSSES)
 
 
-def test_non_homogeneous_loss_is_refused(monkeypatch):
-    def sigmoid_loss(logprobs, old_logprobs, advantages, mask, **_):
-        return -torch.sigmoid(advantages * logprobs), {}
-
-    monkeypatch.setitem(POLICY_LOSSES, "sigmoid", PolicyLossSpec(sigmoid_loss, homogeneous=False))
-    with pytest.raises(ValueError, match="homogeneous"):
-        policy_loss("sigmoid", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), **CLIP)
-
-
-def test_registry_agrees_with_config():
-    from rlhf_ds.config import POLICY_LOSS_HOMOGENEOUS
-
-    assert {name: spec.homogeneous for name, spec in POLICY_LOSSES.items()} == dict(POLICY_LOSS_HOMOGENEOUS)
-
-
-def test_kl_estimators_agree_with_config():
-    from typing import get_args
-
-    from rlhf_ds import config
-
-    assert get_args(config.KlEstimator) == KL_ESTIMATORS
-
-
-@pytest.mark.parametrize("bad", [dict(clip_low=1.0), dict(clip_high=-0.1), dict(dual_clip=0.5), dict(dual_clip=1.0)])
-def test_bad_clip_settings_are_named(bad):
-    settings = {**CLIP, **bad}
-    with pytest.raises(ValueError, match=next(iter(bad))):
-        policy_loss("ppo", torch.zeros(1, 1), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1), **settings)
+# A loss that is not homogeneous, and bad clip settings, are refused by the config (the one place):
+# tests/unit/test_config.py (test_loss_reduction_refused_for_non_homogeneous_loss, test_bounds,
+# test_dual_clip_is_zero_or_above_one).
 
 
 # ---- value loss -----------------------------------------------------------------------------------------------

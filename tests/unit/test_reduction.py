@@ -1,8 +1,9 @@
-"""scale_advantages / token_weights: hand-derived weights for every mode, edge cases, errors."""
+"""scale_advantages / token_weights / weighted_advantages: hand-derived weights for every mode, edge cases,
+errors."""
 import pytest
 import torch
 
-from rlhf_ds.algo import LOSS_REDUCTIONS, scale_advantages, token_weights
+from rlhf_ds.algo import LOSS_REDUCTIONS, scale_advantages, token_weights, weighted_advantages
 
 # Four rows of lengths 3, 1, 0 (empty response) and 2; R = 3.
 # N = 6 tokens, B = 4 rows; groups {0, 1} (4 tokens) and {2, 3} (2 tokens).
@@ -35,7 +36,7 @@ HAND_WEIGHTS = {
 
 @pytest.mark.parametrize("mode,micro", list(HAND_WEIGHTS))
 def test_hand_derived_weights(mode, micro):
-    weights = token_weights(MASK, mode, group_ids=GROUPS, micro_batch_size=micro, max_seq_len=5)
+    weights = token_weights(MASK, mode, group_ids=GROUPS, micro_batch_size=micro, loss_norm_len=5)
     torch.testing.assert_close(weights, HAND_WEIGHTS[(mode, micro)], rtol=0, atol=1e-15)
 
 
@@ -43,7 +44,7 @@ def test_hand_derived_weights(mode, micro):
 def test_scaled_advantages_are_advantages_times_weights_and_zero_on_padding(mode):
     advantages = torch.tensor([[1.0, -2.0, 3.0], [0.5, 7.0, 7.0], [9.0, 9.0, 9.0], [-1.0, 4.0, torch.inf]])
     scaled, weights = scale_advantages(
-        advantages, MASK.float(), mode, group_ids=GROUPS, micro_batch_size=2, max_seq_len=5
+        advantages, MASK.float(), mode, group_ids=GROUPS, micro_batch_size=2, loss_norm_len=5
     )
     assert scaled.dtype == torch.float32 and weights.dtype == torch.float32
     expected = torch.where(MASK.bool(), advantages * weights, torch.zeros(()))
@@ -52,13 +53,26 @@ def test_scaled_advantages_are_advantages_times_weights_and_zero_on_padding(mode
     assert (weights[MASK == 0] == 0).all()
 
 
+def test_weighted_advantages_by_hand_and_as_scale_advantages_does():
+    advantages = torch.tensor([[2.0, -1.0, torch.nan], [torch.inf, 3.0, 5.0]], dtype=torch.float64)
+    weights = torch.tensor([[0.5, 0.25, 0.0], [0.0, 1.0, 0.125]], dtype=torch.float32)
+    product = weighted_advantages(advantages, weights)
+    # garbage under a zero weight (NaN, inf) gives 0, not NaN; the result keeps the advantages' dtype
+    torch.testing.assert_close(product, torch.tensor([[1.0, -0.25, 0.0], [0.0, 3.0, 0.625]], dtype=torch.float64))
+    finite = torch.tensor([[2.0, -1.0, 4.0], [0.5, 3.0, 6.0]])
+    scaled, token_w = scale_advantages(finite, MASK[:2], "sequence_mean")
+    torch.testing.assert_close(scaled, weighted_advantages(finite, token_w), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="shape"):
+        weighted_advantages(advantages, weights[:, :2])
+
+
 def test_weight_totals():
     """token_mean weights sum to 1; sequence_mean to (non-empty rows) / B; prompt_mean to 1."""
     assert token_weights(MASK, "token_mean").sum().item() == pytest.approx(1.0)
     assert token_weights(MASK, "sequence_mean").sum().item() == pytest.approx(3 / 4)
     assert token_weights(MASK, "prompt_mean", group_ids=GROUPS).sum().item() == pytest.approx(1.0)
     # Dr. GRPO: total tokens / (B * L) = 6 / 20
-    assert token_weights(MASK, "seq_mean_token_sum_norm", max_seq_len=5).sum().item() == pytest.approx(0.3)
+    assert token_weights(MASK, "seq_mean_token_sum_norm", loss_norm_len=5).sum().item() == pytest.approx(0.3)
 
 
 def test_group_ids_need_not_be_dense_or_sorted():
@@ -73,7 +87,7 @@ def test_group_ids_need_not_be_dense_or_sorted():
 def test_all_empty_mini_batch_gives_zero_not_nan(mode):
     mask = torch.zeros(3, 4)
     scaled, weights = scale_advantages(
-        torch.ones(3, 4), mask, mode, group_ids=torch.tensor([0, 0, 1]), micro_batch_size=2, max_seq_len=4
+        torch.ones(3, 4), mask, mode, group_ids=torch.tensor([0, 0, 1]), micro_batch_size=2, loss_norm_len=4
     )
     assert (weights == 0).all() and (scaled == 0).all()
 
@@ -96,7 +110,7 @@ def test_unknown_mode_lists_every_choice():
         ("token_mean_legacy", {"micro_batch_size": 0}, "micro_batch_size"),
         ("prompt_mean", {}, "group_ids"),
         ("prompt_mean", {"group_ids": torch.tensor([0, 1])}, "group_ids"),
-        ("seq_mean_token_sum_norm", {}, "max_seq_len"),
+        ("seq_mean_token_sum_norm", {}, "loss_norm_len"),
     ],
 )
 def test_missing_mode_arguments_are_named(mode, kwargs, needle):
@@ -107,14 +121,6 @@ def test_missing_mode_arguments_are_named(mode, kwargs, needle):
 def test_shape_mismatch_rejected():
     with pytest.raises(ValueError, match="shape"):
         scale_advantages(torch.ones(4, 2), MASK, "token_mean")
-
-
-def test_modes_agree_with_config():
-    from typing import get_args
-
-    from rlhf_ds import config
-
-    assert get_args(config.LossReduction) == LOSS_REDUCTIONS
 
 
 def test_algo_imports_no_heavy_packages_nor_config():
