@@ -31,9 +31,10 @@ class Experience:
     old_logprobs: Optional[torch.Tensor] = None       # [B, R] actor log-probs before the update
     ref_logprobs: Optional[torch.Tensor] = None       # [B, R] reference-model log-probs
     values: Optional[torch.Tensor] = None             # [B, R] critic values before the update
-    advantages: Optional[torch.Tensor] = None         # [B, R] (pre-scaled inside a mini-batch)
+    advantages: Optional[torch.Tensor] = None         # [B, R] raw advantages (algo.compute_advantages)
     returns: Optional[torch.Tensor] = None            # [B, R] critic targets
-    token_weights: Optional[torch.Tensor] = None      # [B, R] loss-reduction weights (algo.scale_advantages)
+    token_weights: Optional[torch.Tensor] = None      # [B, R] loss-reduction weights of the row's mini-batch
+                                                      # (algo.token_weights; 0 on padding), shared by roles
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]

@@ -1,2 +1,4 @@
-"""Role groups: Ray actors per rank (ray_group) or this process's rank under the deepspeed launcher
-(local_group), behind the same fan-out verbs. Import the submodules directly; this package imports no Ray."""
+"""Where role processes run and how the controller reaches them: the group interface (``group``), Ray
+groups (``ray_group``), SPMD groups under the deepspeed launcher (``spmd_group``), placement planning
+and the start-up of a run's groups (``roles``). Ray is imported here and nowhere else in the package;
+import the submodules directly (this package's ``__init__`` imports no Ray)."""

@@ -1,4 +1,5 @@
-"""Ray role groups: one Ray actor per rank, the ranks of a role forming their own torch.distributed world.
+"""Ray role groups: one Ray actor per rank, the ranks of a role forming their own torch.distributed world
+(the group interface of ``cluster.group``), and Ray start-up and placement.
 
 The workers are plain classes (``rlhf_ds.workers``, ``rlhf_ds.rollout``); Ray is applied here, once, by
 hosting each worker object inside a generic :class:`RankHost` actor. Rank 0 publishes its node address
@@ -78,6 +79,29 @@ class RankHost:
 
 RemoteRankHost = ray.remote(RankHost)
 
+# At most this many weight buckets are in flight from actor rank 0 to the engines: bounded memory on
+# both sides, while the gather of the next bucket overlaps the load of the previous one.
+_BUCKETS_IN_FLIGHT = 2
+
+
+def _push_through_object_store(actor_worker: Any, rank: int, engine_handles: list, bucket_bytes: int) -> int:
+    """Runs in each actor rank's process (``RoleGroup.apply_all``): every rank takes part in the gathers;
+    rank 0 puts each bucket in Ray's shared-memory object store once, and every engine reads it from there
+    (zero-copy on the same node) and loads it. Returns the tensors sent (0 off rank 0)."""
+    in_flight: list = []
+    count = 0
+    for bucket in actor_worker.weight_buckets(bucket_bytes):
+        count += len(bucket)
+        if rank != 0:
+            continue
+        ref = ray.put(bucket)
+        if len(in_flight) >= _BUCKETS_IN_FLIGHT:
+            ray.get(in_flight.pop(0))
+        in_flight.append([h.call.remote("update_weights", (ref,), {}) for h in engine_handles])
+    for futures in in_flight:
+        ray.get(futures)
+    return count if rank == 0 else 0
+
 
 class Pending:
     """Futures of one fan-out call; ``get()`` returns the per-rank results (or their concatenation)."""
@@ -139,6 +163,11 @@ class RoleGroup:
     def apply_all(self, fn: Callable, *args, **kwargs) -> list:
         """``fn(worker, rank, *args, **kwargs)`` on every rank, in the rank's own process."""
         return self._wait([h.apply.remote(fn, args, kwargs) for h in self.handles])
+
+    def sync_weights(self, rollout: "RoleGroup", bucket_mb: float) -> int:
+        """Every actor rank gathers each bucket; rank 0 sends it to every engine through the object store."""
+        counts = self.apply_all(_push_through_object_store, rollout.handles, int(bucket_mb * 2 ** 20))
+        return counts[0]
 
     # -- failure handling ----------------------------------------------------------------------------
     def _wait(self, futures: list) -> list:

@@ -1,23 +1,19 @@
-"""Build the role groups of a run: Ray groups (one controller) or local groups (deepspeed launcher).
+"""Start the role groups of a run: Ray groups (one controller) or SPMD groups (deepspeed launcher).
 
-The trainer only sees the groups' verbs (``run_all``, ``dispatch``, ``apply_all``), so one trainer
-serves both launchers. Roles that a config does not use (critic without GAE, reference without KL,
-reward model without ``reward.use_model``) are not started at all.
+``build_roles`` is the one place that knows ``cluster.launcher``; everything after it sees
+:class:`Roles`: one group (``cluster.group.Group``) per role in use, and ``is_main``, whether this
+process writes logs and files. Roles that a config does not use (critic without GAE, reference without
+KL, reward model without ``reward.use_model``) are not started at all.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from rlhf_ds.cluster.env import process_rank
+from rlhf_ds.cluster.group import Group
 from rlhf_ds.config import Config
-
-
-def rollout_dtype(cfg: Config) -> str:
-    from rlhf_ds.engine.dist import has_gpu
-    from rlhf_ds.engine.ds_config import resolve_precision
-
-    return resolve_precision(cfg.precision, has_gpu())
 
 
 def role_ranks(cfg: Config) -> dict[str, int]:
@@ -29,31 +25,35 @@ def role_ranks(cfg: Config) -> dict[str, int]:
             "rollout": cfg.rollout.num_engines}
 
 
-def _worker_classes() -> dict[str, Any]:
+def _worker_spec(cfg: Config, role: str) -> tuple[Callable, tuple]:
+    """(class, constructor arguments) of one rank of ``role``."""
+    if role == "rollout":
+        from rlhf_ds.rollout.engines import rollout_engine_spec
+        return rollout_engine_spec(cfg)
     from rlhf_ds.workers.actor import ActorWorker
     from rlhf_ds.workers.critic import CriticWorker
     from rlhf_ds.workers.reference import ReferenceWorker
     from rlhf_ds.workers.reward import RewardWorker
 
-    return {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker,
-            "reward": RewardWorker}
+    classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+    return classes[role], (cfg,)
 
 
 @dataclass
 class Roles:
     """The groups of one run (None for a role not in use)."""
-    actor: Any
-    rollout: Any
-    critic: Optional[Any] = None
-    reference: Optional[Any] = None
-    reward: Optional[Any] = None
-    mode: str = "ray"
+    actor: Group
+    rollout: Group
+    critic: Optional[Group] = None
+    reference: Optional[Group] = None
+    reward: Optional[Group] = None
+    is_main: bool = True          # writes logs and files: the Ray driver, or rank 0 under the launcher
     _cleanup: list = field(default_factory=list)
 
-    def trainable(self) -> dict[str, Any]:
+    def trainable(self) -> dict[str, Group]:
         return {name: g for name, g in (("actor", self.actor), ("critic", self.critic)) if g is not None}
 
-    def model_roles(self) -> dict[str, Any]:
+    def model_roles(self) -> dict[str, Group]:
         return {name: g for name in ("actor", "critic", "reference", "reward")
                 if (g := getattr(self, name)) is not None}
 
@@ -65,9 +65,8 @@ class Roles:
 
 def build_roles(cfg: Config, total_steps: int) -> Roles:
     """Start every role in use and build its model (engines of different roles build concurrently)."""
-    ranks = role_ranks(cfg)
-    classes = _worker_classes()
-    roles = _build_ray(cfg, ranks, classes) if cfg.cluster.launcher == "ray" else _build_local(cfg, ranks, classes)
+    build = _build_ray if cfg.cluster.launcher == "ray" else _build_spmd
+    roles = build(cfg, role_ranks(cfg))
     try:
         pending = [group.run_all_async("init_model", total_steps) if name in ("actor", "critic")
                    else group.run_all_async("init_model") for name, group in roles.model_roles().items()]
@@ -79,7 +78,7 @@ def build_roles(cfg: Config, total_steps: int) -> Roles:
     return roles
 
 
-def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> Roles:
+def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
     import ray
 
     from rlhf_ds.cluster.placement import plan_placement
@@ -92,7 +91,7 @@ def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> R
     if use_gpu is None:   # joined a cluster: its resources decide, not the driver's host
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cpus = cfg.cluster.cpus_per_worker
-    roles = Roles(actor=None, rollout=None, mode="ray")
+    roles = Roles(actor=None, rollout=None, is_main=True)
     roles._cleanup.append(lambda: ray.shutdown() if started else None)
     try:
         pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus,
@@ -102,11 +101,7 @@ def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> R
         for name, n in ranks.items():
             if n == 0:
                 continue
-            if name == "rollout":
-                from rlhf_ds.rollout.hf_engine import HFRolloutEngine
-                cls, args = HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg))
-            else:
-                cls, args = classes[name], (cfg,)
+            cls, args = _worker_spec(cfg, name)
             group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
                               env=env)
             roles._cleanup.append(group.shutdown)
@@ -117,20 +112,18 @@ def _build_ray(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> R
     return roles
 
 
-def _build_local(cfg: Config, ranks: dict[str, int], classes: dict[str, Any]) -> Roles:
-    from rlhf_ds.cluster.local_group import LocalGroup
+def _build_spmd(cfg: Config, ranks: dict[str, int]) -> Roles:
+    from rlhf_ds.cluster.spmd_group import SpmdGroup
     from rlhf_ds.engine.dist import init_distributed
-    from rlhf_ds.rollout.hf_engine import HFRolloutEngine
 
     init_distributed()
-    roles = Roles(actor=None, rollout=None, mode="local")
+    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0)
     for name, n in ranks.items():
         if n == 0:
             continue
-        if name == "rollout":   # SPMD: every rank owns one engine, whatever rollout.num_engines says
-            group = LocalGroup(name, HFRolloutEngine, worker_args=(cfg.actor.model_path, rollout_dtype(cfg)))
-        else:
-            group = LocalGroup(name, classes[name], worker_args=(cfg,))
+        # SPMD: every rank owns one rollout engine, whatever rollout.num_engines says
+        cls, args = _worker_spec(cfg, name)
+        group = SpmdGroup(name, cls, worker_args=args)
         roles._cleanup.append(group.shutdown)
         setattr(roles, name, group)
     return roles

@@ -1,4 +1,4 @@
-"""Local role groups for the deepspeed launcher (SPMD): the same verbs as :class:`RoleGroup`.
+"""Role groups under the deepspeed launcher (SPMD): the group interface of ``cluster.group``.
 
 Under ``deepspeed -m rlhf_ds.cli train ...`` every process runs the whole controller. Each process is
 rank ``r`` of every role (the roles share the world group); a dispatched batch, identical on every rank,
@@ -30,7 +30,7 @@ def _all_gather(value: Any) -> list:
 
 
 class _Done:
-    """Already computed result, shaped like the Ray group's ``Pending``."""
+    """An already computed result, shaped like the Ray group's ``Pending``."""
 
     def __init__(self, value: Any):
         self.value = value
@@ -39,32 +39,37 @@ class _Done:
         return self.value
 
 
-class LocalGroup:
+class SpmdGroup:
     """This process's rank of one role; results are all-gathered so every rank sees them all."""
 
-    def __init__(self, role: str, worker_cls: type, *, worker_args: Sequence = (),
+    def __init__(self, role: str, worker_cls: Callable, *, worker_args: Sequence = (),
                  worker_kwargs: dict | None = None):
         self.role = role
         self.rank, self.num_ranks = _world()
-        self.worker = worker_cls(*worker_args, **dict(worker_kwargs or {}))
+        self._worker = worker_cls(*worker_args, **dict(worker_kwargs or {}))
 
     def run_all(self, method: str, *args, **kwargs) -> list:
-        return _all_gather(getattr(self.worker, method)(*args, **kwargs))
+        return _all_gather(getattr(self._worker, method)(*args, **kwargs))
 
     def run_all_async(self, method: str, *args, **kwargs) -> _Done:
         return _Done(self.run_all(method, *args, **kwargs))
 
     def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:
         shard = split_by_rank(batch, self.num_ranks, even=even)[self.rank]
-        gathered = _all_gather(getattr(self.worker, method)(shard, *args, **kwargs))
+        gathered = _all_gather(getattr(self._worker, method)(shard, *args, **kwargs))
         return concat_results(gathered) if concat else gathered
 
     def dispatch_async(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True,
                        **kwargs) -> _Done:
         return _Done(self.dispatch(method, batch, *args, even=even, concat=concat, **kwargs))
 
-    def apply_all(self, fn: Callable, *args, **kwargs) -> list:
-        return _all_gather(fn(self.worker, self.rank, *args, **kwargs))
+    def sync_weights(self, rollout: "SpmdGroup", bucket_mb: float) -> int:
+        """Every rank gathers each bucket (collective) and loads it into its own engine."""
+        count = 0
+        for bucket in self._worker.weight_buckets(int(bucket_mb * 2 ** 20)):
+            rollout._worker.update_weights(bucket)
+            count += len(bucket)
+        return count
 
     def shutdown(self) -> None:
-        self.worker = None
+        self._worker = None

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -131,6 +131,42 @@ def load_prompt_dataset(path: str | os.PathLike, prompt_key: str = "prompt", ans
     if not records:
         raise DatasetError(f"{file}: no records")
     return records if num_examples is None else records[:num_examples]
+
+
+def load_run_records(data: Any) -> tuple[list[PromptRecord], list[PromptRecord]]:
+    """(train records, held-out records) of a run's ``data`` config section. A synthetic task supplies
+    its own disjoint held-out split."""
+    synthetic = data.train_path.startswith(SYNTHETIC_PREFIX)
+    num_train = None
+    if synthetic:
+        from rlhf_ds.data.tasks import get_task
+
+        # A small task (3-digit x 1-digit: 8100 problems) has fewer train problems than the default
+        # data.num_train: take its whole train split then.
+        task_size = get_task(data.train_path[len(SYNTHETIC_PREFIX):]).size
+        num_train = data.num_train if data.num_train < 0.8 * task_size else None
+    train = load_prompt_dataset(data.train_path, data.prompt_key, data.answer_key, split="train",
+                                num_examples=num_train, task_seed=data.task_seed)
+    if data.eval_path:
+        held_out = load_prompt_dataset(data.eval_path, data.prompt_key, data.answer_key, split="eval",
+                                       num_examples=data.num_eval, task_seed=data.task_seed)
+    elif synthetic:
+        held_out = load_prompt_dataset(data.train_path, split="eval", num_examples=data.num_eval,
+                                       task_seed=data.task_seed)
+    else:
+        raise DatasetError(f"data.eval_path is empty and data.train_path={data.train_path!r} is not synthetic: "
+                           f"set data.eval_path to a held-out prompt file")
+    return train, held_out
+
+
+def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], max_prompt_len: int) -> list[list[int]]:
+    """Token ids of each prompt; prompts longer than ``max_prompt_len`` tokens are refused."""
+    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+    too_long = [(r.prompt, len(i)) for r, i in zip(records, ids) if len(i) > max_prompt_len]
+    if too_long:
+        raise ValueError(f"{len(too_long)} prompts exceed rollout.max_prompt_len={max_prompt_len} tokens, "
+                         f"e.g. {too_long[0][0]!r} ({too_long[0][1]} tokens); raise rollout.max_prompt_len")
+    return ids
 
 
 class PromptLoader:

@@ -1,7 +1,7 @@
 """Turning generated samples into text, rewards and held-out accuracy (driver side)."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -10,23 +10,8 @@ from rlhf_ds.data.prompts import PromptRecord
 from rlhf_ds.data.rewards import exact_match
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams, build_experience
 
-
-def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], max_prompt_len: int) -> list[list[int]]:
-    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
-    too_long = [(r.prompt, len(i)) for r, i in zip(records, ids) if len(i) > max_prompt_len]
-    if too_long:
-        raise ValueError(f"{len(too_long)} prompts exceed rollout.max_prompt_len={max_prompt_len} tokens, "
-                         f"e.g. {too_long[0][0]!r} ({too_long[0][1]} tokens); raise rollout.max_prompt_len")
-    return ids
-
-
-def generate(rollout_group: Any, prompts: list[list[int]], n: int, sampling: SamplingParams,
-             seed: int) -> list[RolloutSample]:
-    """Samples of every prompt, prompt-major, from all engines (prompts split over them)."""
-    samples = rollout_group.dispatch("generate", prompts, n, sampling, seed, even=False)
-    for row, sample in enumerate(samples):   # engine-local prompt indices -> indices into `prompts`
-        sample.prompt_index = row // n
-    return samples
+# generate(prompts, n, sampling, seed) -> n samples per prompt, prompt-major (an engine's, or a group's)
+Generate = Callable[[list[list[int]], int, SamplingParams, int], list[RolloutSample]]
 
 
 def decode(tokenizer: Any, exp: Experience) -> tuple[list[str], list[bool]]:
@@ -47,11 +32,11 @@ def score_rules(runner: Any, records: Sequence[PromptRecord], exp: Experience, t
     return torch.tensor(scores, dtype=torch.float32), {f"reward/{k}": float(v) for k, v in stats.items()}
 
 
-def evaluate(rollout_group: Any, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],
+def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],
              temperature: float, max_new_tokens: int, pad_id: int, max_prompt_len: int) -> dict[str, float]:
     """Held-out exact match (answer and eos) of one sample per prompt, greedy by default."""
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-    samples = generate(rollout_group, eval_prompts, 1, sampling, seed=0)
+    samples = generate(eval_prompts, 1, sampling, 0)
     exp = build_experience(eval_prompts, samples, pad_id, max_prompt_len, max_new_tokens)
     texts, finished = decode(tokenizer, exp)
     correct = exact_match([r.prompt for r in records], texts, [r.answer for r in records], finished)

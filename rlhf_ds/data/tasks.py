@@ -129,20 +129,3 @@ def generate_split(task_name: str, split: str = "train", num_examples: int | Non
     task = get_task(task_name)
     return [task.record(int(i)) for i in _split_indices(task, split, num_examples, seed)]
 
-
-@dataclass(frozen=True)
-class SftExample:
-    """One supervised example: the loss covers ``completion`` (answer + eos), not ``prompt``."""
-
-    prompt: str
-    completion: str
-
-    @property
-    def text(self) -> str:
-        """Full training text: prompt + answer + eos token."""
-        return self.prompt + self.completion
-
-
-def sft_examples(records: list[PromptRecord], eos_token: str) -> list[SftExample]:
-    """The SFT view of prompt records: each answer followed by ``eos_token`` (e.g. ``"<eos>"``)."""
-    return [SftExample(prompt=r.prompt, completion=r.answer + eos_token) for r in records]

@@ -13,8 +13,10 @@ from typing import Iterator, Optional
 import torch
 
 
-def _buckets(named: list[tuple[str, torch.nn.Parameter]], bucket_bytes: int
-             ) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
+def size_bounded_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: int
+                         ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Consecutive ``(name, tensor)`` pairs in lists of at most ``bucket_bytes`` of *full* tensors (a
+    ZeRO-3 parameter counts at its gathered size); a tensor larger than the bucket goes alone."""
     bucket, size = [], 0
     for name, param in named:
         nbytes = _full_numel(param) * param.element_size()
@@ -41,25 +43,33 @@ def _per_module(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Pa
             yield own
 
 
-def iter_full_params(module: torch.nn.Module, *, bucket_bytes: Optional[int] = None,
-                     to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, full tensor)`` for every parameter of ``module`` (tied parameters once).
+def iter_full_param_buckets(module: torch.nn.Module, *, bucket_bytes: Optional[int] = None,
+                            to_cpu: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+    """Yield lists of ``(name, full tensor)`` covering every parameter of ``module`` once (tied
+    parameters once), each list gathered in one ``GatheredParameters`` and copied out before the next.
 
-    bucket_bytes: None -> one gather per module; else gather consecutive parameters in groups of at most
-    this many bytes (a parameter larger than the bucket is gathered alone).
+    bucket_bytes: None -> one list per module; else consecutive parameters in lists of at most this many
+    bytes (a parameter larger than the bucket goes alone). Weight sync sends each list as one bucket.
     """
     import deepspeed
 
     if bucket_bytes is None:
         groups = _per_module(module)
     else:
-        groups = _buckets(list(module.named_parameters()), bucket_bytes)
+        groups = size_bounded_buckets(list(module.named_parameters()), bucket_bytes)
     for group in groups:
         params = [p for _, p in group]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             copies = [(name, p.data.detach().to("cpu", copy=True) if to_cpu else p.data.detach().clone())
                       for name, p in group]
-        yield from copies
+        yield copies   # outside the gather: the consumer's work never holds the gathered parameters
+
+
+def iter_full_params(module: torch.nn.Module, *, bucket_bytes: Optional[int] = None,
+                     to_cpu: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor)`` for every parameter of ``module`` (see ``iter_full_param_buckets``)."""
+    for bucket in iter_full_param_buckets(module, bucket_bytes=bucket_bytes, to_cpu=to_cpu):
+        yield from bucket
 
 
 def full_state_dict(module: torch.nn.Module, bucket_bytes: Optional[int] = None) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 DeepSpeed's defaults average: ``engine.backward`` divides each micro-batch loss by the accumulation
 steps, and ZeRO's reduce-scatter divides by the data-parallel world size. The loss functions here return
-*masked sums* whose weights were normalised once for the whole mini-batch (``algo.scale_advantages``), so
+*masked sums* whose weights were normalised once for the whole mini-batch (``algo.token_weights``), so
 we backward ``local_sum * dp_size`` with ``scale_wrt_gas=False``: the reduce-scatter's 1/dp then cancels
 and the optimizer sees exactly d(global objective)/d(params), for any dp and any micro-batch size.
 
@@ -62,8 +62,8 @@ def _is_finite(value: torch.Tensor | float) -> bool:
     return bool(torch.isfinite(torch.as_tensor(value, dtype=torch.float32)).all())
 
 
-def accumulate_gradients(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn, *, dp_size: int,
-                         role: str = "") -> tuple[dict[str, Metric], bool]:
+def accumulate_gradients(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn, *, role: str = ""
+                         ) -> tuple[dict[str, Metric], bool]:
     """Forward/backward every micro-batch of this rank's shard with sum semantics; no optimizer step.
 
     Returns (this rank's metrics reduced over its micro-batches, whether any local loss was non-finite).
@@ -74,6 +74,7 @@ def accumulate_gradients(engine: Any, micro_batches: Sequence[Any], loss_fn: Los
         raise ValueError(f"{role}: got an empty shard; every rank needs at least one sequence")
     # ZeRO-3 gathers parameters collectively in every forward/backward: all ranks run the same count.
     # A rank with fewer micro-batches repeats its last one with zero weight.
+    dp_size = dist.dp_size()
     num_passes = dist.max_over_ranks(len(micro_batches))
     per_micro, bad_loss = [], False
     for index in range(num_passes):
@@ -87,8 +88,8 @@ def accumulate_gradients(engine: Any, micro_batches: Sequence[Any], loss_fn: Los
     return reduce_metrics_across_microbatches(per_micro), bad_loss
 
 
-def train_minibatch(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn, *, dp_size: int,
-                    skips: SkipCounter, role: str = "") -> dict[str, Metric]:
+def sum_gradient_step(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn, *, skips: SkipCounter,
+                      role: str = "") -> dict[str, Metric]:
     """Accumulate the gradient of this rank's shard, then one optimizer step on every rank, or a skip
     on every rank.
 
@@ -96,7 +97,7 @@ def train_minibatch(engine: Any, micro_batches: Sequence[Any], loss_fn: LossFn, 
     norm; absent on a skipped step), ``skipped`` (MAX, 1.0 when the step was skipped) and ``lr`` (MAX).
     Raises NonFiniteStepError after ``skips.max_consecutive`` skips in a row.
     """
-    local, bad_loss = accumulate_gradients(engine, micro_batches, loss_fn, dp_size=dp_size, role=role)
+    local, bad_loss = accumulate_gradients(engine, micro_batches, loss_fn, role=role)
     metrics = all_reduce_metrics(local)
     skipped = dist.any_rank(bad_loss)
     if skipped:

@@ -2,8 +2,8 @@
 
 from rlhf_ds.models.tiny import (DEFAULT_ALPHABET, PRESETS, build_char_tokenizer, build_tiny_lm,
                                  create_tiny_lm, default_cache_dir, resolve_model_path)
-from rlhf_ds.models.value_model import ValueModel, is_value_model_dir, make_value_model_from_lm
+from rlhf_ds.models.value_model import ValueModel, make_value_model_from_lm
 
 __all__ = ["DEFAULT_ALPHABET", "PRESETS", "ValueModel", "build_char_tokenizer", "build_tiny_lm",
-           "create_tiny_lm", "default_cache_dir", "is_value_model_dir", "make_value_model_from_lm",
+           "create_tiny_lm", "default_cache_dir", "make_value_model_from_lm",
            "resolve_model_path"]

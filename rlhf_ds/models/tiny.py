@@ -20,14 +20,14 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+
+from rlhf_ds.fs import publish_directory
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0..3, in this order
@@ -176,35 +176,8 @@ def _build_key(preset: str, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
-def is_complete(directory: str | os.PathLike) -> bool:
-    """Whether ``directory`` is a finished build (its marker file is written last)."""
-    return (Path(directory) / MARKER_FILE).exists()
-
-
-def _build_atomically(final: Path, build, description: dict) -> Path:
-    """Run ``build(tmp_dir)``, write the marker, then rename into place.
-
-    The rename makes concurrent builders (several ranks resolving the same name) safe: the first rename
-    wins and the others discard their copy. A directory without the marker is an interrupted build from
-    an older layout and is replaced.
-    """
-    if is_complete(final):
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        build(tmp)
-        (tmp / MARKER_FILE).write_text(json.dumps(description, sort_keys=True))
-        if final.exists() and not is_complete(final):
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not is_complete(final):  # not a lost race: a real failure
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+def _publish(final: Path, build, description: dict) -> Path:
+    return publish_directory(final, build, MARKER_FILE, json.dumps(description, sort_keys=True))
 
 
 def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> str:
@@ -222,10 +195,10 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, se
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = _build_key(preset, seed)
     desc = {"preset": preset, "seed": seed, "key": key, "version": BUILD_VERSION}
-    lm_dir = _build_atomically(root / "tiny" / f"{preset}-seed{seed}-{key}",
-                               lambda d: build_tiny_lm(preset, d, seed), {**desc, "kind": "causal_lm"})
+    lm_dir = _publish(root / "tiny" / f"{preset}-seed{seed}-{key}", lambda d: build_tiny_lm(preset, d, seed),
+                      {**desc, "kind": "causal_lm"})
     if not is_value:
         return str(lm_dir)
-    value_dir = _build_atomically(root / "tiny" / f"{preset}-seed{seed}-{key}{VALUE_SUFFIX}",
-                                  lambda d: make_value_model_from_lm(lm_dir, d), {**desc, "kind": "value"})
+    value_dir = _publish(root / "tiny" / f"{preset}-seed{seed}-{key}{VALUE_SUFFIX}",
+                         lambda d: make_value_model_from_lm(lm_dir, d), {**desc, "kind": "value"})
     return str(value_dir)

@@ -14,7 +14,6 @@ LM's features instead of being perturbed by a random head.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -23,8 +22,6 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
-
-VALUE_ARCHITECTURE = "ValueModel"
 
 
 class ValueModel(PreTrainedModel):
@@ -67,14 +64,6 @@ class ValueModel(PreTrainedModel):
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                             use_cache=False).last_hidden_state  # [B, T, H]
         return self.value_head(hidden).squeeze(-1)
-
-
-def is_value_model_dir(path: str | os.PathLike) -> bool:
-    """Whether ``path/config.json`` declares a :class:`ValueModel`."""
-    config_file = Path(path) / "config.json"
-    if not config_file.exists():
-        return False
-    return VALUE_ARCHITECTURE in (json.loads(config_file.read_text()).get("architectures") or [])
 
 
 def make_value_model_from_lm(lm_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:

@@ -12,7 +12,7 @@ sampling compares like with like.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 
@@ -37,13 +37,28 @@ class RolloutSample:
 
 
 class RolloutEngine(Protocol):
+    """What every rollout engine offers the rollout group (``rollout.engines`` builds them)."""
+
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
                  seed: int) -> list[RolloutSample]:
         """``n`` samples for each prompt, prompt-major (prompt 0's samples first). Same seed, same
         prompts, same engine -> the same samples."""
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load full parameters by name; returns how many tensors were loaded."""
+        """Load full parameters by name (one bucket of the actor's); returns how many were loaded."""
+
+    def num_parameters(self) -> int:
+        ...
+
+
+def generate(rollout_group: Any, prompts: list[list[int]], n: int, sampling: SamplingParams,
+             seed: int) -> list[RolloutSample]:
+    """Samples of every prompt, prompt-major, from all engines of ``rollout_group`` (prompts split
+    over them; an engine's shard may be one prompt longer than another's)."""
+    samples = rollout_group.dispatch("generate", prompts, n, sampling, seed, even=False)
+    for row, sample in enumerate(samples):   # engine-local prompt indices -> indices into `prompts`
+        sample.prompt_index = row // n
+    return samples
 
 
 def build_experience(prompts: Sequence[Sequence[int]], samples: Sequence[RolloutSample], pad_id: int,

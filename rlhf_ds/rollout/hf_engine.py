@@ -7,13 +7,13 @@ happened before (a resumed run regenerates exactly what the uninterrupted one wo
 """
 from __future__ import annotations
 
-import os
 from typing import Iterable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ds.batch import pad_prompts
+from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
 
@@ -63,7 +63,7 @@ class HFRolloutEngine:
         self.device = next(model.parameters()).device
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.max_batch_sequences = max_batch_sequences
-        self.rank = int(os.environ.get("RANK", "0"))
+        self.rank = process_rank()
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,

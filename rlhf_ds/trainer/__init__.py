@@ -1,1 +1,1 @@
-"""The RL loop, the SFT warm start, logging and run checkpoints."""
+"""The loops (RL, and the SFT warm start), what a run logs, and run checkpoints."""

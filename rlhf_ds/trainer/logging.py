@@ -1,6 +1,7 @@
 """What a run shows and leaves behind.
 
-- a tqdm progress bar over steps (with ETA) and a one-line summary per logged step;
+- a tqdm progress bar over steps (with ETA) and a one-line summary every ``summary_interval`` steps
+  (``Config.summary_interval``: about 20 lines for a whole run) and at the last step;
 - ``OUTPUT_DIR/metrics.jsonl``: one JSON object per step, ``step`` plus every reduced metric;
 - TensorBoard events in ``OUTPUT_DIR/tensorboard``;
 - at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses) and ``OUTPUT_DIR/summary.json``
@@ -55,9 +56,9 @@ class RunLogger:
     """``main=False`` (SPMD ranks other than 0) reads the history, so every rank takes the same
     decisions from it, but writes and prints nothing."""
 
-    def __init__(self, output_dir: str, max_steps: int, start_step: int = 0, log_interval: int = 1,
+    def __init__(self, output_dir: str, max_steps: int, start_step: int = 0, summary_interval: int = 1,
                  show_progress: bool = True, main: bool = True):
-        self.output_dir, self.max_steps, self.log_interval = output_dir, max_steps, log_interval
+        self.output_dir, self.max_steps, self.summary_interval = output_dir, max_steps, summary_interval
         self.path = os.path.join(output_dir, "metrics.jsonl")
         # A fresh run (start_step 0) starts a fresh file, even in an output_dir used before.
         self.history = read_metrics(self.path, up_to_step=start_step) if start_step > 0 else []
@@ -85,7 +86,7 @@ class RunLogger:
             if math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.bar.update(step - self.bar.n)
-        if step % self.log_interval == 0 or step == self.max_steps:
+        if step % self.summary_interval == 0 or step == self.max_steps:
             tqdm.write(summary_line(step, self.max_steps, metrics))
 
     def evals(self) -> list[tuple[int, float]]:

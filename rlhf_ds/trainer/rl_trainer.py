@@ -4,10 +4,11 @@
             -> for each epoch and mini-batch: scale advantages on the whole mini-batch, train actor
                (and critic) -> weight sync -> metrics -> log, evaluate, save
 
-The driver owns the batch; role groups (Ray actors or this process's SPMD rank) do the model work.
-Metrics returned by ``train_minibatch`` are already combined over the role's data-parallel ranks by
-kind, so every rank returns the same dict and rank 0's is taken; mini-batches are then averaged
-(``reduce_metrics_across_minibatches``).
+The driver owns the batch; role groups (``cluster.group.Group``) do the model work, whichever launcher
+placed them. Each mini-batch gets its per-token loss weights once (``algo.token_weights``), shared by
+actor and critic. Metrics returned by ``train_minibatch`` are already combined over the role's
+data-parallel ranks by kind, so every rank returns the same dict and rank 0's is taken; mini-batches are
+then averaged (``reduce_metrics_across_minibatches``).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ from typing import Any, Optional
 import torch
 
 from rlhf_ds.algo import (compute_advantages, kl_penalty, make_kl_controller,
-                          reduce_metrics_across_minibatches, scale_advantages)
+                          reduce_metrics_across_minibatches, token_weights)
 from rlhf_ds.batch import Experience
 from rlhf_ds.config import Config
-from rlhf_ds.data.prompts import PromptLoader, PromptRecord
-from rlhf_ds.rollout.base import SamplingParams, build_experience
-from rlhf_ds.trainer import checkpoint, scoring
+from rlhf_ds.data import scoring
+from rlhf_ds.data.prompts import PromptLoader, PromptRecord, encode_prompts
+from rlhf_ds.rollout.base import SamplingParams, build_experience, generate
+from rlhf_ds.trainer import checkpoint
 from rlhf_ds.trainer.logging import RunLogger
 
 # Rollout seeds: a fixed function of (seed, step), so a resumed run draws what the uninterrupted one did.
@@ -60,16 +62,16 @@ class RLTrainer:
         self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
         self.loader = PromptLoader(train_records, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_records = eval_records
-        self.eval_prompts = scoring.encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
-        scoring.encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len)  # too long: fail now
+        self.eval_prompts = encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
+        encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len)  # too long: fail now
         self.reward_runner = reward_runner
         algo = cfg.algo
         self.kl = make_kl_controller(algo.kl_coef, adaptive=algo.adaptive_kl, target=algo.kl_target,
                                      horizon=algo.kl_horizon)
         self.step = 0
         self.show_progress = show_progress
-        # Under the deepspeed launcher every rank runs this loop; rank 0 alone writes logs and state files.
-        self.is_main = roles.mode == "ray" or roles.actor.rank == 0
+        # Under the deepspeed launcher every rank runs this loop; one process writes logs and state files.
+        self.is_main = roles.is_main
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                                        cfg.rollout.max_response_len)
 
@@ -81,8 +83,8 @@ class RLTrainer:
             retired = checkpoint.retire_checkpoints(cfg.output_dir)
             if retired:
                 print(f"trainer.resume=false: moved the earlier run's checkpoints to {retired}")
-        logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, cfg.log_interval, self.show_progress,
-                           main=self.is_main)
+        logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, self.cfg.summary_interval,
+                           self.show_progress, main=self.is_main)
         if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
             logger.log(self.step, self.evaluate())
         while self.step < cfg.max_steps:
@@ -102,7 +104,7 @@ class RLTrainer:
         timer = StageTimer()
         with timer("prompts"):
             records = self.loader.next_batch()
-            prompts = scoring.encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
+            prompts = encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
         with timer("rollout"):
             exp = self.rollout(prompts, seed=self.cfg.seed * _STEP_SEED_STRIDE + step)
         with timer("rewards"):
@@ -127,7 +129,7 @@ class RLTrainer:
 
     # ---------------------------------------------------------------- stages
     def rollout(self, prompts: list[list[int]], seed: int) -> Experience:
-        samples = scoring.generate(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling, seed)
+        samples = generate(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling, seed)
         return build_experience(prompts, samples, self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len,
                                 self.cfg.rollout.max_response_len)
 
@@ -174,26 +176,24 @@ class RLTrainer:
         metrics["reward/nonfinite"] = float(out.num_nonfinite)
         return exp.replace(advantages=out.advantages, returns=out.returns), metrics
 
-    def _scaled(self, mb: Experience, micro_batch_size: int) -> Experience:
+    def with_token_weights(self, minibatch: Experience) -> Experience:
+        """The mini-batch with its per-token loss weights (``algo.loss_reduction``), computed once on the
+        whole mini-batch before it is sharded; actor and critic train on the same weights."""
         algo = self.cfg.algo
-        scaled, weights = scale_advantages(mb.advantages, mb.response_mask, algo.loss_reduction,
-                                           group_ids=mb.group_ids, micro_batch_size=micro_batch_size,
-                                           max_seq_len=self.cfg.loss_norm_len)
-        return mb.replace(advantages=scaled, token_weights=weights)
+        weights = token_weights(minibatch.response_mask, algo.loss_reduction, group_ids=minibatch.group_ids,
+                                micro_batch_size=self.cfg.actor.micro_batch_size,
+                                loss_norm_len=self.cfg.loss_norm_len)
+        return minibatch.replace(token_weights=weights)
 
     def update(self, exp: Experience) -> dict[str, float]:
         """Every epoch, every mini-batch: one optimizer step of the actor (and of the critic)."""
-        cfg, per_minibatch = self.cfg, []
-        for _ in range(cfg.algo.epochs):
-            for mb in exp.chunk(cfg.algo.mini_batch_size):
-                actor = self.roles.actor.dispatch_async(
-                    "train_minibatch", self._scaled(mb, cfg.actor.micro_batch_size), cfg.actor.num_ranks,
-                    self.kl.value, concat=False)
-                critic = None
-                if self.roles.critic is not None:
-                    critic = self.roles.critic.dispatch_async(
-                        "train_minibatch", self._scaled(mb, cfg.critic.micro_batch_size), cfg.critic.num_ranks,
-                        concat=False)
+        roles, per_minibatch = self.roles, []
+        for _ in range(self.cfg.algo.epochs):
+            for minibatch in exp.chunk(self.cfg.algo.mini_batch_size):
+                minibatch = self.with_token_weights(minibatch)
+                actor = roles.actor.dispatch_async("train_minibatch", minibatch, self.kl.value, concat=False)
+                critic = (roles.critic.dispatch_async("train_minibatch", minibatch, concat=False)
+                          if roles.critic is not None else None)
                 metrics = {f"actor/{k}": v for k, v in actor.get()[0].items()}
                 if critic is not None:
                     metrics.update({f"critic/{k}": v for k, v in critic.get()[0].items()})
@@ -201,21 +201,14 @@ class RLTrainer:
         return reduce_metrics_across_minibatches(per_minibatch)
 
     def sync_weights(self) -> None:
-        from rlhf_ds.rollout import weight_sync
-
-        bucket_mb = self.cfg.rollout.weight_sync_bucket_mb
-        if self.roles.mode == "ray":
-            self.roles.actor.apply_all(weight_sync.push_to_ray_engines, self.roles.rollout.handles, bucket_mb)
-        else:
-            engine = self.roles.rollout.worker
-            self.roles.actor.apply_all(lambda worker, rank: weight_sync.load_into_local_engine(
-                worker, engine, bucket_mb))
+        self.roles.actor.sync_weights(self.roles.rollout, self.cfg.rollout.weight_sync_bucket_mb)
 
     def evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        out = scoring.evaluate(self.roles.rollout, self.tokenizer, self.eval_records, self.eval_prompts,
-                               self.cfg.rollout.eval_temperature, self.cfg.rollout.max_response_len,
-                               self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len)
+        rollout = self.cfg.rollout
+        out = scoring.evaluate(lambda *request: generate(self.roles.rollout, *request), self.tokenizer,
+                               self.eval_records, self.eval_prompts, rollout.eval_temperature,
+                               rollout.max_response_len, self.tokenizer.pad_token_id, rollout.max_prompt_len)
         out["timing/eval_s"] = time.perf_counter() - t0
         return out
 

@@ -14,10 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +22,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf_ds.batch import Experience, pad_prompts, pad_responses
-from rlhf_ds.cluster.local_group import LocalGroup
 from rlhf_ds.config import Config
-from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.data import scoring
+from rlhf_ds.data.prompts import PromptRecord, encode_prompts, load_run_records
+from rlhf_ds.fs import publish_directory
 from rlhf_ds.models.tiny import default_cache_dir, resolve_model_path
 from rlhf_ds.rollout.hf_engine import HFRolloutEngine
-from rlhf_ds.trainer import scoring
-from rlhf_ds.trainer.data import load_records
 
 MARKER = ".sft_complete"
 
@@ -80,10 +76,10 @@ def run_sft(cfg: Config, log=print) -> str:
     base = resolve_model_path(cfg.actor.model_path)
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    train, held_out = load_records(cfg)
+    train, held_out = load_run_records(cfg.data)
     prompts, completions = encode_examples(tokenizer, train)
-    eval_prompts = scoring.encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len)
-    evaluator = LocalGroup("rollout", HFRolloutEngine.from_model, worker_args=(model, tokenizer))
+    eval_prompts = encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len)
+    evaluator = HFRolloutEngine.from_model(model, tokenizer)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=sft.lr)
@@ -97,7 +93,7 @@ def run_sft(cfg: Config, log=print) -> str:
         loss.backward()
         optimizer.step()
         if step % sft.eval_interval == 0 or step == sft.steps:
-            accuracy = scoring.evaluate(evaluator, tokenizer, held_out, eval_prompts, 0.0,
+            accuracy = scoring.evaluate(evaluator.generate, tokenizer, held_out, eval_prompts, 0.0,
                                         cfg.rollout.max_response_len, tokenizer.pad_token_id,
                                         cfg.rollout.max_prompt_len)["eval/accuracy"]
             log(f"sft: step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f} "
@@ -105,7 +101,9 @@ def run_sft(cfg: Config, log=print) -> str:
             if accuracy >= sft.target_eval_accuracy:
                 break
     note = f"{step} steps, held-out accuracy {accuracy:.3f}, {time.time() - started:.1f} s"
-    _save_atomically(model, tokenizer, out, note)
+    # SFT runs once per cache key: an unfinished directory left by a killed run is replaced
+    publish_directory(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), MARKER,
+                      note + "\n")
     log(f"sft: saved {out} ({note})")
     return str(out)
 
@@ -118,16 +116,3 @@ def wait_for_sft(cfg: Config, timeout_s: float = 3600.0) -> str:
             raise TimeoutError(f"no finished SFT warm start at {out} after {timeout_s:.0f} s")
         time.sleep(1.0)
     return str(out)
-
-
-def _save_atomically(model, tokenizer, out: Path, note: str) -> None:
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MARKER).write_text(note + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

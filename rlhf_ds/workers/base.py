@@ -14,15 +14,20 @@ class EngineWorker:
 
     def __init__(self, cfg: Any):
         self.cfg = cfg
-        self.model: Optional[RoleEngine] = None
+        self.role_engine: Optional[RoleEngine] = None
 
     def init_model(self, total_steps: Optional[int] = None) -> None:
         """total_steps: optimizer steps of the run, for the learning-rate schedule (trainable roles)."""
-        self.model = build_engine(self.cfg, self.role, total_steps=total_steps)
+        self.role_engine = build_engine(self.cfg, self.role, total_steps=total_steps)
 
     @property
     def engine(self) -> Any:
-        return self.model.engine
+        """The DeepSpeed engine (call it like the model)."""
+        return self.role_engine.engine
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.role_engine.micro_batch_size
 
 
 class TrainableWorker(EngineWorker):
@@ -33,10 +38,10 @@ class TrainableWorker(EngineWorker):
         self.skips = SkipCounter(cfg.trainer.max_skipped_steps)
 
     def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
-        save_checkpoint(self.model, directory, client_state)
+        save_checkpoint(self.role_engine, directory, client_state)
 
     def load_checkpoint(self, directory: str) -> dict:
-        return load_checkpoint(self.model, directory)
+        return load_checkpoint(self.role_engine, directory)
 
     def export_hf(self, directory: str) -> None:
-        export_hf(self.model, directory)
+        export_hf(self.role_engine, directory)

@@ -39,6 +39,18 @@ def logprobs_from_logits(logits: torch.Tensor, token_ids: torch.Tensor) -> torch
     return picked - torch.logsumexp(logits, dim=-1)
 
 
+@torch.no_grad()
+def policy_logprobs(model: Callable, exp: Experience, micro_batch_size: int, temperature: float,
+                    device: torch.device) -> torch.Tensor:
+    """[B, R] log-probs of the response tokens at ``temperature``, micro-batch by micro-batch, on CPU
+    (the actor's old log-probs and the reference's log-probs are the same computation)."""
+    def one(micro: Experience) -> torch.Tensor:
+        logits = response_logits(model, micro, device, temperature)
+        return logprobs_from_logits(logits, micro.response_ids.to(device))
+
+    return in_micro_batches(one, exp, micro_batch_size)
+
+
 def response_values(model: Callable, exp: Experience, device: torch.device) -> torch.Tensor:
     """[B, R] float32 values of the states before each response token (ValueModel output)."""
     values = model(**model_inputs(exp, device))
@@ -55,12 +67,6 @@ def in_micro_batches(fn: Callable[[Experience], torch.Tensor], exp: Experience, 
                      ) -> torch.Tensor:
     """Apply ``fn`` to consecutive micro-batches of ``exp`` and concatenate the results on CPU."""
     return torch.cat([fn(piece).detach().cpu() for piece in exp.chunk(micro_batch_size)], dim=0)
-
-
-def check_dp_size(role: str, dp_size: int, actual: int) -> None:
-    if dp_size != actual:
-        raise ValueError(f"{role}.train_minibatch: dp_size={dp_size} but this role's process group has "
-                         f"{actual} ranks; pass the role's number of data-parallel ranks ({role}.num_ranks)")
 
 
 def require_fields(role: str, exp: Experience, names: tuple[str, ...]) -> None:

@@ -12,19 +12,19 @@ import torch
 from rlhf_ds.algo import Metric, MetricKind, value_loss
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.step import train_minibatch
+from rlhf_ds.engine.step import sum_gradient_step
 from rlhf_ds.workers.base import TrainableWorker
-from rlhf_ds.workers.common import check_dp_size, in_micro_batches, require_fields, response_values
+from rlhf_ds.workers.common import in_micro_batches, require_fields, response_values
 
 
-def critic_loss(model: Any, mb: Experience, algo: Any, *, device: torch.device
+def critic_loss(model: Any, micro: Experience, algo: Any, *, device: torch.device
                 ) -> tuple[torch.Tensor, dict[str, Metric]]:
     """Weighted-sum value loss of one micro-batch and its metrics."""
-    values = response_values(model, mb, device)                                   # [b, R]
-    old_values, returns = mb.values.to(device), mb.returns.to(device)
-    weights = mb.token_weights.to(device)
+    values = response_values(model, micro, device)                                   # [b, R]
+    old_values, returns = micro.values.to(device), micro.returns.to(device)
+    weights = micro.token_weights.to(device)
     loss_sum = (value_loss(values, old_values, returns, algo.value_clip) * weights).sum()
-    mask = mb.response_mask.to(device) != 0
+    mask = micro.response_mask.to(device) != 0
     with torch.no_grad():
         clipped = ((values - old_values).abs() > algo.value_clip) & mask if algo.value_clip > 0 else torch.zeros_like(mask)
         clip_frac = clipped.float().sum() / mask.sum().clamp(min=1)
@@ -40,14 +40,14 @@ class CriticWorker(TrainableWorker):
     def compute_values(self, exp: Experience) -> torch.Tensor:
         """[B, R] values of the states before each response token, on CPU."""
         device = dist.get_device()
-        return in_micro_batches(lambda piece: response_values(self.engine, piece, device), exp,
-                                self.model.micro_batch_size)
+        return in_micro_batches(lambda micro: response_values(self.engine, micro, device), exp,
+                                self.micro_batch_size)
 
-    def train_minibatch(self, exp_shard: Experience, dp_size: int) -> dict[str, Metric]:
-        """One optimizer step of the critic on this rank's shard (token weights set for the mini-batch)."""
-        check_dp_size(self.role, dp_size, dist.dp_size())
-        require_fields(self.role, exp_shard, ("values", "returns", "token_weights"))
+    def train_minibatch(self, shard: Experience) -> dict[str, Metric]:
+        """One optimizer step of the critic on this rank's shard (token weights set for the mini-batch).
+        Returns metrics combined over the data-parallel ranks."""
+        require_fields(self.role, shard, ("values", "returns", "token_weights"))
         algo, device = self.cfg.algo, dist.get_device()
-        return train_minibatch(self.engine, exp_shard.chunk(self.model.micro_batch_size),
-                               lambda mb: critic_loss(self.engine, mb, algo, device=device),
-                               dp_size=dp_size, skips=self.skips, role=self.role)
+        return sum_gradient_step(self.engine, shard.chunk(self.micro_batch_size),
+                                 lambda micro: critic_loss(self.engine, micro, algo, device=device),
+                                 skips=self.skips, role=self.role)

@@ -17,9 +17,9 @@ class RewardWorker(EngineWorker):
         """[B] float32 scores: the value head at each sequence's last real token, on CPU."""
         device = dist.get_device()
 
-        def one(piece: Experience) -> torch.Tensor:
-            values = self.model.engine(**model_inputs(piece, device)).float()      # [b, P+R]
-            index = last_token_index(piece).to(device)
+        def one(micro: Experience) -> torch.Tensor:
+            values = self.engine(**model_inputs(micro, device)).float()      # [b, P+R]
+            index = last_token_index(micro).to(device)
             return values.gather(1, index.unsqueeze(1)).squeeze(1)
 
-        return in_micro_batches(one, exp, self.model.micro_batch_size)
+        return in_micro_batches(one, exp, self.micro_batch_size)

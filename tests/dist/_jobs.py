@@ -6,7 +6,7 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 import _reference as ref
-from rlhf_ds.algo import scale_advantages, token_weights
+from rlhf_ds.algo import token_weights
 from rlhf_ds.batch import Experience
 from rlhf_ds.config import load_config
 from rlhf_ds.engine import dist
@@ -39,12 +39,14 @@ def my_shard(exp: Experience) -> Experience:
 
 
 def with_mode(exp: Experience, mode: str, micro: int) -> Experience:
-    if exp.advantages is None:  # critic batch: only the token weights
-        return exp.replace(token_weights=token_weights(exp.response_mask, mode, group_ids=exp.group_ids,
-                                                       micro_batch_size=micro, max_seq_len=ref.MAX_SEQ_LEN))
-    scaled, weights = scale_advantages(exp.advantages, exp.response_mask, mode, group_ids=exp.group_ids,
-                                       micro_batch_size=micro, max_seq_len=ref.MAX_SEQ_LEN)
-    return exp.replace(advantages=scaled, token_weights=weights)
+    """The whole mini-batch with the token weights of ``mode`` (as the trainer sets them)."""
+    return exp.replace(token_weights=token_weights(exp.response_mask, mode, group_ids=exp.group_ids,
+                                                   micro_batch_size=micro, loss_norm_len=ref.MAX_SEQ_LEN))
+
+
+def params_of(worker) -> dict[str, torch.Tensor]:
+    """Full parameters of a worker's engine (collective)."""
+    return {name: tensor for bucket in worker.weight_buckets() for name, tensor in bucket}
 
 
 def full_grads(module) -> dict[str, torch.Tensor]:
@@ -56,7 +58,7 @@ def grads_of(role_engine, loss_fn, exp: Experience, micro: int, dp_scale: bool =
     read the full gradients, then drop them so the next case starts from the same parameters."""
     engine, pieces = role_engine.engine, my_shard(exp).chunk(micro)
     if dp_scale:
-        accumulate_gradients(engine, pieces, loss_fn, dp_size=dist.dp_size())
+        accumulate_gradients(engine, pieces, loss_fn)
     else:
         for index, piece in enumerate(pieces):
             engine.set_gradient_accumulation_boundary(index == len(pieces) - 1)
@@ -125,30 +127,30 @@ def state_job(model_dir: str, out_dir: str, exp1: Experience, exp2: Experience) 
     out = {}
     first = ActorWorker(cfg)
     first.init_model()
-    params0, opt0 = dict(first.weights()), optimizer_snapshot(first.engine)
+    params0, opt0 = params_of(first), optimizer_snapshot(first.engine)
     poisoned = my_shard(exp1)
     if rank == world - 1:  # NaN on one rank only
         advantages = poisoned.advantages.clone()
         advantages[1, 0] = float("nan")  # a real token of row 1
         poisoned = poisoned.replace(advantages=advantages)
-    out["skip_metrics"] = first.train_minibatch(poisoned, world)
-    out["unchanged_after_skip"] = all_ranks_true(same_params(dict(first.weights()), params0)
+    out["skip_metrics"] = first.train_minibatch(poisoned)
+    out["unchanged_after_skip"] = all_ranks_true(same_params(params_of(first), params0)
                                                  and same_snapshot(optimizer_snapshot(first.engine), opt0))
-    out["step1_metrics"] = first.train_minibatch(my_shard(exp1), world)
-    params1 = dict(first.weights())
+    out["step1_metrics"] = first.train_minibatch(my_shard(exp1))
+    params1 = params_of(first)
     out["changed_after_step"] = not same_params(params1, params0)
 
     # An uninterrupted engine that never saw the skipped step lands on the same parameters.
     clean = ActorWorker(cfg)
     clean.init_model()
-    clean.train_minibatch(my_shard(exp1), world)
-    out["skip_left_no_trace"] = all_ranks_true(same_params(dict(clean.weights()), params1))
+    clean.train_minibatch(my_shard(exp1))
+    out["skip_left_no_trace"] = all_ranks_true(same_params(params_of(clean), params1))
 
     ckpt = f"{out_dir}/ckpt"
     first.save_checkpoint(ckpt, {"rl_step": 7})
     opt1 = optimizer_snapshot(first.engine)
-    first.train_minibatch(my_shard(exp2), world)
-    params2 = dict(first.weights())
+    first.train_minibatch(my_shard(exp2))
+    params2 = params_of(first)
     first.export_hf(f"{out_dir}/export")
     with torch.no_grad():
         on_device = exp2.to(dist.get_device())
@@ -158,10 +160,10 @@ def state_job(model_dir: str, out_dir: str, exp1: Experience, exp2: Experience) 
     resumed = ActorWorker(cfg)
     resumed.init_model()
     out["client_state"] = {k: v for k, v in resumed.load_checkpoint(ckpt).items() if k == "rl_step"}
-    out["params_restored"] = all_ranks_true(same_params(dict(resumed.weights()), params1))
+    out["params_restored"] = all_ranks_true(same_params(params_of(resumed), params1))
     out["optimizer_restored"] = all_ranks_true(same_snapshot(optimizer_snapshot(resumed.engine), opt1))
-    resumed.train_minibatch(my_shard(exp2), world)
-    out["resumed_step_matches"] = all_ranks_true(same_params(dict(resumed.weights()), params2))
+    resumed.train_minibatch(my_shard(exp2))
+    out["resumed_step_matches"] = all_ranks_true(same_params(params_of(resumed), params2))
     out["params2"] = params2
     return out if rank == 0 else {}
 
@@ -182,7 +184,7 @@ def forward_job(model_dir: str, value_dir: str, out_dir: str, exp: Experience) -
         worker = cls(cfg)
         worker.init_model()
         if name == "actor":
-            out["actor"] = worker.compute_logprobs(exp, with_entropy=True)
+            out["actor"] = worker.compute_logprobs(exp)
         elif name == "critic":
             out["critic"] = worker.compute_values(exp)
         elif name == "reference":

@@ -1,4 +1,4 @@
-"""LocalGroup (deepspeed-launcher / SPMD mode) on 2 gloo processes: each rank works on its shard and
+"""SpmdGroup (deepspeed launcher) on 2 gloo processes: each rank works on its shard and
 every rank gets the whole result back, cut exactly as the Ray group cuts it."""
 import os
 import socket
@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from rlhf_ds.batch import Experience
-from rlhf_ds.cluster.local_group import LocalGroup
+from rlhf_ds.cluster.spmd_group import SpmdGroup
 
 pytestmark = pytest.mark.dist
 
@@ -25,7 +25,7 @@ class ShardWorker:
 def _run(rank: int, port: int, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    group = LocalGroup("actor", ShardWorker)
+    group = SpmdGroup("actor", ShardWorker)
     exp = Experience(prompt_ids=torch.zeros(4, 1, dtype=torch.long), prompt_mask=torch.ones(4, 1),
                      response_ids=torch.zeros(4, 1, dtype=torch.long), response_mask=torch.ones(4, 1),
                      group_ids=torch.arange(4), rewards=torch.tensor([1.0, 2.0, 3.0, 4.0]))

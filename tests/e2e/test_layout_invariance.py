@@ -4,7 +4,7 @@ advantages pre-scaled on the whole mini-batch, sum-gradient semantics in the eng
 import pytest
 
 from rlhf_ds.config import load_config
-from rlhf_ds.trainer.run import _setup
+from rlhf_ds.trainer.run import build_trainer
 
 from e2e_common import tiny_overrides
 
@@ -16,7 +16,7 @@ LAYOUTS = [(1, 4), (2, 4), (2, 1)]   # (actor.num_ranks, actor.micro_batch_size)
 def _first_step(tmp_path, ranks, micro):
     cfg = load_config("grpo_tiny", tiny_overrides(tmp_path / f"r{ranks}m{micro}") + [
         f"actor.num_ranks={ranks}", f"actor.micro_batch_size={micro}", "rollout.num_engines=1"])
-    trainer, runner = _setup(cfg, show_progress=False)
+    trainer, runner = build_trainer(cfg, show_progress=False)
     try:
         trainer.step = 1
         return trainer.train_step(1)

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM
 from rlhf_ds.config import load_config
 from rlhf_ds.models.tiny import resolve_model_path
 from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint
-from rlhf_ds.trainer.run import run_bench, run_training
+from rlhf_ds.bench import run_bench
+from rlhf_ds.trainer.run import run_training
 
 from e2e_common import tiny_overrides
 

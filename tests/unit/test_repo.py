@@ -1,6 +1,8 @@
-"""Repository guards: every test tier is collected."""
+"""Repository guards: every test tier is collected; the import rules of DESIGN.md hold."""
+import ast
 import fnmatch
 import pathlib
+import re
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -14,3 +16,34 @@ def test_every_test_tier_is_collected():
     assert "norecursedirs" in options
     skipped = [t for t in tiers if any(fnmatch.fnmatch(t, pattern) for pattern in options["norecursedirs"])]
     assert not skipped, f"pytest would skip tests/{skipped}"
+
+
+def _imported_modules(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_ray_is_imported_only_under_cluster():
+    package = ROOT / "rlhf_ds"
+    outside = [str(p.relative_to(ROOT)) for p in sorted(package.rglob("*.py"))
+               if p.parent != package / "cluster"
+               and any(m == "ray" or m.startswith("ray.") for m in _imported_modules(p))]
+    assert not outside, f"ray imported outside rlhf_ds/cluster/: {outside}"
+    # the guard itself sees a Ray import where there is one
+    assert any(m == "ray" for m in _imported_modules(package / "cluster" / "ray_group.py"))
+
+
+def test_the_trainer_knows_no_launcher():
+    # The trainer sees the group interface only: no Ray handles, no SPMD worker, no launcher branch.
+    words = re.compile(r"\bhandles\b|\.worker\b|\.mode\b|launcher\s*==|==\s*[\"'](ray|deepspeed|local)[\"']")
+    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()}"
+            for p in sorted((ROOT / "rlhf_ds" / "trainer").rglob("*.py"))
+            for n, line in enumerate(p.read_text().splitlines(), 1) if words.search(line)]
+    assert not hits, hits
+    assert words.search('if cfg.cluster.launcher == "deepspeed":') and words.search("roles.rollout.handles")

@@ -1,5 +1,5 @@
 """HF rollout engine: seeded sampling, rollout log-probs equal to a teacher-forced forward, eos trimming,
-experience assembly, weight loading, and the weight-sync buckets."""
+experience assembly, weight loading, and the weight-sync buckets (size bound, order, SPMD delivery)."""
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -7,7 +7,8 @@ from transformers import AutoTokenizer
 from rlhf_ds.models.tiny import resolve_model_path
 from rlhf_ds.rollout.base import SamplingParams, build_experience
 from rlhf_ds.rollout.hf_engine import HFRolloutEngine, response_logprobs, trim_at_eos
-from rlhf_ds.rollout.weight_sync import buckets, send_weights
+from rlhf_ds.cluster.spmd_group import SpmdGroup
+from rlhf_ds.engine.gather import size_bounded_buckets
 
 MODEL = "tiny:llama-micro"
 
@@ -79,9 +80,33 @@ def test_update_weights_changes_greedy_output_and_rejects_unknown_names(engine, 
 
 def test_buckets_respect_the_size_bound_and_order():
     pairs = [(f"p{i}", torch.zeros(256)) for i in range(10)]        # 1 KiB each
-    groups = list(buckets(pairs, bucket_mb=3 / 1024))                 # 3 KiB buckets
+    groups = list(size_bounded_buckets(pairs, bucket_bytes=3 * 1024))  # 3 KiB buckets
     assert [len(g) for g in groups] == [3, 3, 3, 1]
     assert [n for g in groups for n, _ in g] == [n for n, _ in pairs]
-    received = []
-    assert send_weights(pairs, 3 / 1024, received.append) == 10 and len(received) == 4
-    assert send_weights(pairs, 3 / 1024, None) == 10   # ranks > 0 walk the gathers, send nothing
+
+
+class _BucketActor:
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def weight_buckets(self, bucket_bytes):
+        return size_bounded_buckets(self.pairs, bucket_bytes)
+
+
+class _RecordingEngine:
+    def __init__(self):
+        self.received = []
+
+    def update_weights(self, bucket):
+        self.received.append([name for name, _ in bucket])
+        return len(bucket)
+
+
+def test_spmd_weight_sync_delivers_every_bucket_in_order():
+    pairs = [(f"p{i}", torch.zeros(256)) for i in range(10)]        # 1 KiB each
+    engine = _RecordingEngine()
+    actor = SpmdGroup("actor", _BucketActor, worker_args=(pairs,))
+    rollout = SpmdGroup("rollout", lambda: engine)
+    assert actor.sync_weights(rollout, bucket_mb=3 / 1024) == 10
+    assert engine.received == [
+        ["p0", "p1", "p2"], ["p3", "p4", "p5"], ["p6", "p7", "p8"], ["p9"]]

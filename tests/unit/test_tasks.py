@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from rlhf_ds.data.tasks import HELDOUT_FRACTION, TASKS, generate_split, get_task, is_heldout, sft_examples
+from rlhf_ds.data.tasks import HELDOUT_FRACTION, TASKS, generate_split, get_task, is_heldout
 from rlhf_ds.models.tiny import build_char_tokenizer
 
 
@@ -76,14 +76,15 @@ def test_large_space_sampling_is_fast_and_distinct():
     assert len({r.prompt for r in records}) == 2000
 
 
-def test_sft_view_tokenizes_to_prompt_answer_eos():
+def test_sft_examples_tokenize_to_bos_prompt_then_answer_eos():
+    from rlhf_ds.trainer.sft_trainer import encode_examples
+
     tok = build_char_tokenizer()
     records = generate_split("multiplication", "train", 3, seed=0)
-    examples = sft_examples(records, tok.eos_token)
-    for record, example in zip(records, examples):
-        assert example.text == record.prompt + record.answer + "<eos>"
-        ids = tok(example.text)["input_ids"]
+    prompts, completions = encode_examples(tok, records)
+    for record, prompt_ids, completion_ids in zip(records, prompts, completions):
+        ids = prompt_ids + completion_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert tok.unk_token_id not in ids
-        assert len(ids) == 1 + len(record.prompt) + len(record.answer) + 1
+        assert len(prompt_ids) == 1 + len(record.prompt) and len(completion_ids) == len(record.answer) + 1
         assert tok.decode(ids, skip_special_tokens=True) == record.prompt + record.answer

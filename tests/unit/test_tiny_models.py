@@ -1,6 +1,8 @@
 """Char tokenizer, tiny causal LMs, the value model and the on-disk cache."""
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +12,14 @@ from rlhf_ds.data.tasks import TASKS
 from rlhf_ds.models import tiny
 from rlhf_ds.models.tiny import (DEFAULT_ALPHABET, MARKER_FILE, PRESETS, build_char_tokenizer, build_tiny_lm,
                                  create_tiny_lm, resolve_model_path)
-from rlhf_ds.models.value_model import ValueModel, is_value_model_dir, make_value_model_from_lm
+from rlhf_ds.models.value_model import ValueModel, make_value_model_from_lm
+
+
+def is_value_model_dir(path) -> bool:
+    """Whether ``path/config.json`` declares a ValueModel (what save_pretrained records)."""
+    config_file = Path(path) / "config.json"
+    return config_file.exists() and "ValueModel" in (json.loads(config_file.read_text()).get("architectures") or [])
+
 
 PROMPTS = ["12+34=", "123*4=", "7+8="]
 

@@ -60,3 +60,15 @@ def test_a_fresh_run_moves_an_earlier_runs_checkpoints_aside(tmp_path):
     retired = retire_checkpoints(str(tmp_path))
     assert latest_checkpoint(str(tmp_path)) is None          # resume can no longer pick the old run
     assert os.path.exists(os.path.join(retired, "step_900", MARKER))   # moved, not deleted
+
+
+def test_console_prints_a_summary_every_interval_and_every_step_goes_to_the_files(tmp_path, capsys):
+    out = str(tmp_path)
+    log = RunLogger(out, max_steps=900, summary_interval=45, show_progress=False)
+    for step in range(1, 901):
+        log.log(step, {"reward/mean": 0.5, "timing/step_s": 0.1})
+    log.finish()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(printed) == 20 and printed[0].startswith("step 45/900") and printed[-1].startswith("step 900/900")
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert len(f.readlines()) == 900
