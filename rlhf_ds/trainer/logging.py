@@ -1,7 +1,8 @@
 """What a run shows and leaves behind.
 
 - a tqdm progress bar over steps (with ETA) and a one-line summary every ``summary_interval`` steps
-  (``Config.summary_interval``: about 20 lines for a whole run) and at the last step;
+  (``Config.summary_interval``: about 20 lines for a whole run), at each held-out evaluation and at
+  the last step;
 - ``OUTPUT_DIR/metrics.jsonl``: one JSON object per step, ``step`` plus every reduced metric;
 - TensorBoard events in ``OUTPUT_DIR/tensorboard``;
 - at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses) and ``OUTPUT_DIR/summary.json``
@@ -86,7 +87,7 @@ class RunLogger:
             if math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
         self.bar.update(step - self.bar.n)
-        if step % self.summary_interval == 0 or step == self.max_steps:
+        if step % self.summary_interval == 0 or step == self.max_steps or EVAL_KEY in metrics:
             tqdm.write(summary_line(step, self.max_steps, metrics))
 
     def evals(self) -> list[tuple[int, float]]:

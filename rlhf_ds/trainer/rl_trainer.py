@@ -1,7 +1,7 @@
 """The RL loop (GRPO, PPO and the other estimators) as a short sequence of named, timed stages.
 
     prompts -> rollout -> rewards -> old / reference log-probs, values -> advantages
-            -> for each epoch and mini-batch: scale advantages on the whole mini-batch, train actor
+            -> for each epoch and mini-batch: token weights on the whole mini-batch, train actor
                (and critic) -> weight sync -> metrics -> log, evaluate, save
 
 The driver owns the batch; role groups (``cluster.group.Group``) do the model work, whichever launcher

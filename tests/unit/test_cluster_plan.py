@@ -51,3 +51,23 @@ def test_colocated_roles_share_bundles():
     assert plan.roles["reference"].bundle_indices == (0, 1) and plan.roles["rollout"].bundle_indices == (0,)
     assert plan.rank_resources("actor", True, 0.25)["num_gpus"] == pytest.approx(1 / 3)
     assert plan.rank_resources("actor", False, 0.3)["num_cpus"] == pytest.approx(0.1)
+
+
+def test_both_group_kinds_implement_the_group_interface():
+    """The trainer is written against cluster.group.Group: each implementation has every verb, with the
+    same parameters (a drifted signature would only fail under one launcher)."""
+    import inspect
+
+    from rlhf_ds.cluster.group import Group
+    from rlhf_ds.cluster.spmd_group import SpmdGroup
+
+    ray_group = pytest.importorskip("rlhf_ds.cluster.ray_group")
+    verbs = [name for name, member in vars(Group).items()
+             if callable(member) and not name.startswith("_")]
+    assert {"run_all", "dispatch", "sync_weights", "shutdown"} <= set(verbs)
+    for cls in (ray_group.RoleGroup, SpmdGroup):
+        for verb in verbs:
+            want = list(inspect.signature(getattr(Group, verb)).parameters)
+            got = list(inspect.signature(getattr(cls, verb)).parameters)
+            assert got == want, (cls.__name__, verb, got, want)
+    assert isinstance(SpmdGroup("actor", dict), Group)   # role and num_ranks too

@@ -66,9 +66,12 @@ def test_console_prints_a_summary_every_interval_and_every_step_goes_to_the_file
     out = str(tmp_path)
     log = RunLogger(out, max_steps=900, summary_interval=45, show_progress=False)
     for step in range(1, 901):
-        log.log(step, {"reward/mean": 0.5, "timing/step_s": 0.1})
+        evaluation = {"eval/accuracy": 0.5} if step % 100 == 0 else {}
+        log.log(step, {"reward/mean": 0.5, "timing/step_s": 0.1, **evaluation})
     log.finish()
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
-    assert len(printed) == 20 and printed[0].startswith("step 45/900") and printed[-1].startswith("step 900/900")
+    # every 45th step, plus the evaluations at 100, 200, ... (900 is both)
+    assert len(printed) == 20 + 8 and printed[0].startswith("step 45/900") and printed[-1].startswith("step 900/900")
+    assert sum("eval 0.5" in line for line in printed) == 9
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert len(f.readlines()) == 900
