@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo bench clean
+.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo bench plan clean
 
 install: $(STAMP)
 
@@ -50,6 +50,11 @@ train-ppo: install
 ## A fixed small GRPO workload; prints one JSON line (median step time, stage shares, tokens/s, FLOP/s).
 bench: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds bench grpo_tiny trainer.output_dir=outputs/bench $(ARGS)
+
+## Whether a run fits, per role and device, before launching it (no weights loaded), e.g.
+## make plan ARGS="grpo_qwen2.5_1.5b_gsm8k actor.model_path=shape:qwen2.5-1.5b --gpu-memory-gib 80"
+plan: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds plan $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

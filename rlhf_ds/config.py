@@ -196,6 +196,8 @@ class TrainerConfig:
     save_interval: int = option(0, "steps between checkpoints; 0 = only at the end", ge=0)
     resume: bool = option(False, "continue from the latest complete checkpoint in output_dir")
     max_skipped_steps: int = option(3, "abort after this many consecutive non-finite steps", ge=1)
+    skip_plan: bool = option(False, "start even when `rlhf-ds plan` finds that the run does not fit "
+                                    "this machine's memory")
     sft: SftConfig = section(SftConfig, "supervised warm start")
 
 

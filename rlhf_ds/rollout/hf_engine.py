@@ -17,6 +17,8 @@ from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
 
+# Sequences generated in one call of ``model.generate`` (a request with more is cut into chunks).
+MAX_BATCH_SEQUENCES = 1024
 # Seeds of different engines must differ, or every engine would draw the same samples for its shard.
 _ENGINE_SEED_STRIDE = 1_000_003
 
@@ -40,7 +42,7 @@ def trim_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 class HFRolloutEngine:
     """A causal LM and its tokenizer, generating with ``model.generate``."""
 
-    def __init__(self, model_path: str, dtype: str = "fp32", max_batch_sequences: int = 1024):
+    def __init__(self, model_path: str, dtype: str = "fp32", max_batch_sequences: int = MAX_BATCH_SEQUENCES):
         from transformers.utils import logging as hf_logging
 
         from rlhf_ds.models.tiny import resolve_model_path
@@ -52,7 +54,8 @@ class HFRolloutEngine:
         self._setup(model, AutoTokenizer.from_pretrained(path), max_batch_sequences)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, max_batch_sequences: int = 1024) -> "HFRolloutEngine":
+    def from_model(cls, model: torch.nn.Module, tokenizer, max_batch_sequences: int = MAX_BATCH_SEQUENCES
+                   ) -> "HFRolloutEngine":
         """An engine over a model that lives in this process (the SFT loop evaluates its own model)."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, max_batch_sequences)

@@ -51,7 +51,10 @@ def build_trainer(cfg: Config, show_progress: bool = True):
 
 def run_training(cfg: Config, log: Log = print, show_progress: bool = True) -> dict:
     """`rlhf-ds train`: returns the run summary (also written to OUTPUT_DIR/summary.json)."""
+    from rlhf_ds.plan.planner import check_fits
+
     started = time.time()
+    check_fits(cfg, log)   # before any model is built or warm-started
     cfg = with_warm_start(cfg, log)
     os.makedirs(cfg.trainer.output_dir, exist_ok=True)
     if process_rank() == 0:

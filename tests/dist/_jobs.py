@@ -196,3 +196,35 @@ def forward_job(model_dir: str, value_dir: str, out_dir: str, exp: Experience) -
     from transformers import AutoModelForCausalLM
     out["plain_load"] = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()}
     return out
+
+
+def held_model_states(engine) -> dict:
+    """Bytes this rank's ZeRO-3 engine holds: its parameter partitions, and its optimizer states (the fp32
+    master partitions and every Adam moment tensor the optimizer keeps for them)."""
+    params = sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in engine.module.parameters())
+    opt = engine.optimizer
+    masters = opt.fp32_partitioned_groups_flat
+    moments = [v for flat in masters for v in opt.optimizer.state.get(flat, {}).values()
+               if torch.is_tensor(v) and v.numel() > 1]
+    optimizer = sum(t.numel() * t.element_size() for t in masters + moments)
+    return {"parameters": params, "optimizer states": optimizer, "moment tensors": len(moments),
+            "master tensors": len(masters)}
+
+
+def plan_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experience, critic_exp: Experience,
+             templates: list) -> dict:
+    """Actor and critic engines built by their workers, one optimizer step each (Adam allocates its
+    moments at the first step), then what each rank holds, per ds_config template."""
+    from rlhf_ds.workers.actor import ActorWorker
+    from rlhf_ds.workers.critic import CriticWorker
+
+    out = {}
+    for template in templates:
+        cfg = make_config(model_dir, f"{out_dir}/{dist.dp_size()}", value_dir,
+                          extra=[f"actor.ds_config={template}", f"critic.ds_config={template}"])
+        for name, cls, exp in (("actor", ActorWorker, actor_exp), ("critic", CriticWorker, critic_exp)):
+            worker = cls(cfg)
+            worker.init_model()
+            worker.train_minibatch(my_shard(with_mode(exp, "token_mean", 2)))
+            out[(template, name)] = held_model_states(worker.engine)
+    return out

@@ -1,0 +1,61 @@
+"""`rlhf-ds plan [CONFIG] [key=value ...]`: whether a run fits, before it is launched.
+
+Without options it plans for this machine (its GPUs, else its host memory). ``--gpu-memory-gib`` plans
+for GPUs of that size instead (a cluster seen from a laptop); nothing is downloaded or loaded: models are
+built from their HF configs on the meta device.
+"""
+from __future__ import annotations
+
+import argparse
+
+from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
+from rlhf_ds.config import DEFAULT_RECIPE, ConfigError
+
+
+def _add(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--gpu-memory-gib", type=float, default=None,
+                        help="plan for GPUs with this much memory (default: this machine's GPU; none: CPU)")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="host memory per node (default: this machine's)")
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node with --gpu-memory-gib")
+
+
+def _target(ns: argparse.Namespace):
+    from rlhf_ds.plan.memory import GiB
+    from rlhf_ds.plan.planner import Target, host_memory_bytes, local_target
+
+    for name in ("gpu_memory_gib", "host_memory_gib"):
+        value = getattr(ns, name)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+    if ns.gpus_per_node < 1:
+        raise ConfigError(f"--gpus-per-node must be >= 1, got {ns.gpus_per_node}")
+    host = int(ns.host_memory_gib * GiB) if ns.host_memory_gib else host_memory_bytes()
+    if ns.gpu_memory_gib:
+        return Target(int(ns.gpu_memory_gib * GiB), host, ns.gpus_per_node)
+    local = local_target()
+    return Target(local.gpu_memory, host, local.gpus_per_node)
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from rlhf_ds.plan.advice import suggest_fixes
+    from rlhf_ds.plan.planner import plan_run, role_lines
+    from rlhf_ds.plan.report import render
+    from rlhf_ds.plan.shapes import ShapeError
+
+    cfg = config_from_args(ns)
+    target = _target(ns)
+    try:
+        plan = plan_run(cfg, target)
+        fixes = [] if plan.fits else suggest_fixes(cfg, plan, target)
+    except ShapeError as err:
+        raise ConfigError(str(err)) from None
+    print(render(plan, fixes, split_config_args(ns.config_args)[0] or DEFAULT_RECIPE, role_lines(cfg, target)))
+    return 0 if plan.fits else 1
+
+
+PLAN_COMMANDS = {
+    "plan": Command("say whether a run fits, per role and device, and which changes make it fit: "
+                    "`plan [CONFIG] [key=value ...] [--gpu-memory-gib N]`", _add, _run),
+}
