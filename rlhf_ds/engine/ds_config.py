@@ -7,7 +7,8 @@ Ownership of keys (one rule, applied by :func:`merge_ds_config`):
   ``gradient_accumulation_steps`` and ``train_batch_size`` (DeepSpeed's batch identity
   ``train_batch_size = micro * accumulation * dp``), ``bf16.enabled`` (``precision``), and for trainable
   roles ``optimizer.params.lr / betas / weight_decay`` (role ``lr``, ``adam_betas``, ``weight_decay``) and
-  ``optimizer.torch_adam`` (true on CPU, where the fused Adam would need a ~95 s compile).
+  ``optimizer.params.torch_adam`` (true on CPU without optimizer offload, where DeepSpeed's fused Adam
+  would need a ~95 s compile).
 * Every other key is **user-owned** and passes through untouched (ZeRO stage and offload, buckets,
   ``gradient_clipping``, ``optimizer.params.eps``, a ``scheduler`` section...). A user's explicit value
   for a run-dependent key also wins over the config tree.
@@ -110,11 +111,16 @@ def _merge_optimizer(ds: dict, role_cfg: Any, on_gpu: bool) -> None:
     _fill(params, "lr", float(role_cfg.lr))
     _fill(params, "betas", [float(b) for b in role_cfg.adam_betas])
     _fill(params, "weight_decay", float(role_cfg.weight_decay))
-    if _is_auto(optimizer, "torch_adam"):
-        if on_gpu:
-            optimizer.pop("torch_adam", None)  # let DeepSpeed pick FusedAdam / DeepSpeedCPUAdam
+    # DeepSpeed reads torch_adam from optimizer.params only; one written beside "type" is silently ignored
+    # (and a CPU run then JIT-compiles DeepSpeed's fused Adam), so it is moved where DeepSpeed looks.
+    if "torch_adam" in optimizer:
+        params.setdefault("torch_adam", optimizer.pop("torch_adam"))
+    offloaded = (ds.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device", "none") != "none"
+    if _is_auto(params, "torch_adam"):
+        if on_gpu or offloaded:
+            params.pop("torch_adam", None)  # DeepSpeed picks FusedAdam (GPU) / DeepSpeedCPUAdam (offload)
         else:
-            optimizer["torch_adam"] = True
+            params["torch_adam"] = True
 
 
 def _find_auto(node: Any, path: str = "") -> list[str]:

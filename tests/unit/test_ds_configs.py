@@ -64,17 +64,30 @@ def test_every_template_merges_to_a_valid_config(path, role, dp):
         assert ds["optimizer"]["params"]["lr"] == 3e-5
         assert ds["optimizer"]["params"]["betas"] == [0.8, 0.95]
         assert ds["optimizer"]["params"]["weight_decay"] == 0.1
-        assert ds["optimizer"]["torch_adam"] is True          # CPU: no fused-Adam compile
+        # CPU: torch's AdamW, no fused-Adam compile (in params, where DeepSpeed reads it); with optimizer
+        # offload DeepSpeed's CPU Adam runs the step
+        offloaded = "offload_optimizer" in template["zero_optimization"]
+        assert ds["optimizer"]["params"].get("torch_adam") is (None if offloaded else True)
     else:
         assert "optimizer" not in ds and "scheduler" not in ds
     assert ds["bf16"]["enabled"] is False                    # precision auto on CPU
     assert ds["zero_optimization"] == template["zero_optimization"]  # user-owned, untouched
 
 
+def test_torch_adam_written_beside_the_type_moves_where_deepspeed_reads_it():
+    template = json.loads((REPO_ROOT / "ds_configs/zero3_train.json").read_text())
+    template["optimizer"]["params"].pop("torch_adam")
+    template["optimizer"]["torch_adam"] = False            # an older template's place: DeepSpeed ignores it
+    cfg = cfg_for(REPO_ROOT / "ds_configs/zero3_train.json")
+    ds = merge_ds_config(template, role="actor", role_cfg=cfg.actor, precision="auto", dp_size=1,
+                         mini_batch_size=32, on_gpu=False)
+    assert "torch_adam" not in ds["optimizer"] and ds["optimizer"]["params"]["torch_adam"] is False
+
+
 def test_gpu_precision_and_optimizer_choice():
     cfg = cfg_for(REPO_ROOT / "ds_configs/zero3_train.json")
     ds = role_ds_config(cfg, "actor", 2, on_gpu=True)
-    assert ds["bf16"]["enabled"] is True and "torch_adam" not in ds["optimizer"]
+    assert ds["bf16"]["enabled"] is True and "torch_adam" not in ds["optimizer"]["params"]
     assert resolve_precision("fp32", on_gpu=True) == "fp32"
     with pytest.raises(ValueError, match="valid"):
         resolve_precision("fp16", on_gpu=True)
