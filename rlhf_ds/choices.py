@@ -60,6 +60,10 @@ KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)
 KlPlacement = Literal["none", "loss", "reward"]
 KL_PLACEMENTS: tuple[str, ...] = get_args(KlPlacement)
 
+# What a NaN / inf reward-model score does: stop the run, or score the sample reward.failure_value.
+NonfiniteScorePolicy = Literal["fail", "failure_value"]
+NONFINITE_SCORE_POLICIES: tuple[str, ...] = get_args(NonfiniteScorePolicy)
+
 # ----------------------------------------------------------------------------- cluster
 
 Launcher = Literal["ray", "deepspeed"]

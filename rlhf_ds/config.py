@@ -22,7 +22,7 @@ from importlib import resources
 from rlhf_ds.choices import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, PRESCALED_REDUCTIONS,
                              TOKEN_REWARD_ESTIMATORS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode,
                              KlEstimator, KlPlacement, Launcher, LossReduction, LrSchedule,
-                             PlacementStrategy, PolicyLoss, Precision, RolloutBackend)
+                             NonfiniteScorePolicy, PlacementStrategy, PolicyLoss, Precision, RolloutBackend)
 from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
                                    section, to_plain, yaml_dump, yaml_load)
 
@@ -74,6 +74,15 @@ class RewardConfig(RoleConfig):
     timeout_s: float = option(10.0, "a rule function still running after this is stopped", gt=0)
     failure_value: float = option(0.0, "score of a sample whose rule function raised or timed out")
     num_workers: int = option(2, "worker processes running the rule functions", ge=1)
+    max_failure_fraction: float = option(0.5, "stop the run when more than this fraction of a step's "
+                                              "samples fail or time out in one rule function", ge=0, le=1)
+    import_timeout_s: float = option(60.0, "time allowed to import a reward file (not counted in "
+                                           "timeout_s)", gt=0)
+    memory_limit_mb: int = option(4096, "address-space limit of each reward worker process; 0 = none", ge=0)
+    cpu_time_limit_s: int = option(600, "CPU-time limit of each reward worker process; 0 = none", ge=0)
+    nonfinite_model_score: NonfiniteScorePolicy = option(
+        "failure_value", "a NaN / inf reward-model score: stop the run, or score the sample failure_value "
+                         "(a step where every score is non-finite stops the run either way)")
 
 
 # ----------------------------------------------------------------------------- data and rollout
@@ -173,6 +182,10 @@ class ClusterConfig:
     placement_strategy: PlacementStrategy = option("PACK", "Ray placement-group strategy")
     cpus_per_worker: float = option(0.25, "CPUs reserved per Ray worker (fractional on CPU hosts)",
                                     gt=0)
+    call_timeout_s: float = option(1800.0, "deadline of every wait on a worker or rollout engine; a "
+                                           "rank that does not answer fails the run", gt=0)
+    dist_timeout_s: float = option(600.0, "torch.distributed collective timeout of each role's group",
+                                   gt=0)
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,10 @@ class TrainerConfig:
                                   "(max_steps // 20, at least 1)", ge=0)
     eval_interval: int = option(5, "steps between held-out evaluations; 0 = first and last only", ge=0)
     save_interval: int = option(0, "steps between checkpoints; 0 = only at the end", ge=0)
-    resume: bool = option(False, "continue from the latest complete checkpoint in output_dir")
+    resume: bool = option(False, "continue from the latest complete checkpoint in output_dir (none yet: start fresh, and say so)")
+    allow_resume_changes: tuple[str, ...] = option((), "keys that may differ from the checkpoint's config "
+                                                       "on resume although they change the run")
+    keep_checkpoints: int = option(3, "complete checkpoints kept (the newest); 0 = keep all", ge=0)
     max_skipped_steps: int = option(3, "abort after this many consecutive non-finite steps", ge=1)
     skip_plan: bool = option(False, "start even when `rlhf-ds plan` finds that the run does not fit "
                                     "this machine's memory")
@@ -207,7 +223,7 @@ class TrainerConfig:
 class Config:
     """A whole run. Build it with load_config(); it is validated, then immutable."""
     seed: int = option(0, "seed of rollout sampling and data order (tiny models are built from their "
-                          "own fixed seed)")
+                          "own fixed seed)", ge=0)
     precision: Precision = option("auto", "auto = bf16 on GPU, fp32 on CPU")
     actor: TrainableRoleConfig = section(TrainableRoleConfig, "the policy being trained",
                                          model_path="tiny:llama-arith")
@@ -383,6 +399,13 @@ def _reward_rules(cfg: Config):
 def _runtime_rules(cfg: Config):
     if not cfg.actor.model_path:
         yield "actor.model_path is required"
+    if not cfg.trainer.output_dir.strip():
+        yield (f"trainer.output_dir must be a non-empty path (metrics and checkpoints go there), got "
+               f"{cfg.trainer.output_dir!r}")
+    for name in TRAINABLE_ROLES:  # checked even when the critic is unused, like every field bound
+        betas = getattr(cfg, name).adam_betas
+        if not all(0 <= beta < 1 for beta in betas):
+            yield f"{name}.adam_betas must each be in [0, 1), got {list(betas)}"
     if cfg.rollout.backend == "vllm":
         yield ("rollout.backend='vllm': the vLLM rollout engine is not in this release yet; valid now: "
                "'hf' (the rollout.vllm settings wait for it)")

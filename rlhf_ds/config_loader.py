@@ -5,6 +5,7 @@ Every field is declared with `option(default, help, ...)` (or `section(cls, help
 dataclass), so its documentation sits where it is declared and `iter_fields` can print it. Enum-like
 fields are annotated `Literal[...]` (the aliases of rlhf_ds/choices.py): the annotation is the one
 source of the valid choices, read by both the check and its error message through `typing.get_args`.
+No float anywhere in the tree may be NaN or infinite (YAML reads `.nan` and `.inf` as floats).
 
 Pure Python + PyYAML: no torch, ray, deepspeed or vllm imports.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any, Literal, NamedTuple, get_args, get_origin, get_type_hints
@@ -168,6 +170,7 @@ def build(cls: type, raw: Mapping | None, prefix: str = "", base: Any = None) ->
         else:
             changes[f.name] = _coerce(raw[f.name], hint, path)
             _check_bounds(changes[f.name], f.metadata.get("bounds", {}), path)
+            _check_finite(changes[f.name], path)
     return dataclasses.replace(base, **changes)
 
 
@@ -232,6 +235,16 @@ def _check_bounds(value: Any, bounds: Mapping[str, float], path: str) -> None:
         if not test(value, bound):  # NaN fails every bound, as it should
             allowed = " and ".join(f"{_BOUND_TESTS[n][1]} {b}" for n, b in bounds.items())
             raise ConfigError(f"{path}: must be {allowed}, got {value!r}")
+
+
+def _check_finite(value: Any, path: str) -> None:
+    """Refuse NaN / inf in a float leaf or in any item of a float sequence. It runs after the bounds,
+    so a bounded field refuses NaN with its bounds message ("must be > 0, got nan")."""
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{path}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value!r}")
 
 
 def _show(value: Any) -> str:

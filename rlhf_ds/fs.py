@@ -39,3 +39,42 @@ def publish_directory(final: str | os.PathLike, build: Callable[[Path], None], m
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def fsync_tree(root: str | os.PathLike, files: bool = True) -> None:
+    """Flush ``root`` to disk: every file below it (``files``) and every directory entry, so that a
+    rename that publishes it is never seen before its contents survive a crash."""
+    for folder, _, names in os.walk(root):
+        if files:
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as f:
+                    os.fsync(f.fileno())
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if not files:
+            break
+
+
+def replace_directory(final: str | os.PathLike, build: Callable[[Path], None]) -> Path:
+    """Build a new version of ``final`` beside it and swap it in: a reader sees the old directory or the
+    whole new one, never a half-written one (at worst, after a crash between the two renames, the old
+    one under ``.<name>.old`` and no ``final``)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    old = final.parent / f".{final.name}.old"
+    try:
+        build(tmp)
+        fsync_tree(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+        fsync_tree(final.parent, files=False)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

@@ -9,7 +9,10 @@ Robustness, shared by every estimator:
 * a group whose rewards are all equal (including a group of one) gets advantage exactly 0;
 * a non-finite score (NaN / inf, e.g. a crashed reward function) is masked: the row is left out of
   every statistic (group means, batch whitening) and gets advantage and return 0. The number of
-  such rows is returned as ``AdvantageOutput.num_nonfinite`` so the trainer can log it.
+  such rows is returned as ``AdvantageOutput.num_nonfinite`` so the trainer can log it;
+* statistics (group means and stds, whitening, returns) are computed in float64 and the result is cast
+  back to the scores' dtype: in float32 the squared deviations of rewards near 1e20 overflow (every
+  advantage became 0) and a group mean near 1e7 loses the differences between its members.
 
 Estimators (``ADVANTAGE_ESTIMATORS``, declared in rlhf_ds/choices.py):
 
@@ -76,9 +79,10 @@ def group_baseline_advantages(
     """Sequence-level advantages [B] from group statistics, and the count of non-finite scores.
 
     mode: "grpo" (mean and std), "grpo_no_std" (mean only), "rloo" (leave-one-out mean),
-    "mean" (group mean subtracted; used by reinforce_pp_baseline).
+    "mean" (group mean subtracted; used by reinforce_pp_baseline). Computed in float64, returned in
+    the dtype of ``scores``.
     """
-    clean, finite, num_nonfinite = _finite_scores(scores)
+    clean, finite, num_nonfinite = _finite_scores(scores.to(torch.float64))
     groups = _group_stats(clean, finite, group_ids)
     count = groups.count[groups.index]
     mean = groups.total[groups.index] / count.clamp(min=1)
@@ -96,7 +100,7 @@ def group_baseline_advantages(
     else:
         raise ValueError(f"unknown group baseline mode {mode!r}; valid: ['grpo', 'grpo_no_std', 'rloo', 'mean']")
     keep = finite & ~groups.all_equal
-    return torch.where(keep, advantages, torch.zeros_like(advantages)), num_nonfinite
+    return torch.where(keep, advantages, torch.zeros_like(advantages)).to(scores.dtype), num_nonfinite
 
 
 def masked_whiten(
@@ -105,18 +109,19 @@ def masked_whiten(
     """(values - mean) / sqrt(var + eps) over the masked tokens of the whole batch; 0 on padding.
 
     values, mask: [B, R]. Unbiased variance (N - 1) when N > 1. With ``shift_mean=False`` only the
-    scale changes. An empty mask returns zeros.
+    scale changes. An empty mask returns zeros. Computed in float64, returned in the dtype of ``values``.
     """
     keep = mask != 0
     count = keep.sum()
     if count == 0:
         return torch.zeros_like(values)
-    masked = torch.where(keep, values, torch.zeros_like(values))
+    wide = values.to(torch.float64)
+    masked = torch.where(keep, wide, torch.zeros_like(wide))
     mean = masked.sum() / count
-    deviation = torch.where(keep, values - mean, torch.zeros_like(values))
+    deviation = torch.where(keep, wide - mean, torch.zeros_like(wide))
     var = deviation.square().sum() / (count - 1).clamp(min=1)
     centered = deviation if shift_mean else masked
-    return centered * torch.rsqrt(var + eps)
+    return (centered * torch.rsqrt(var + eps)).to(values.dtype)
 
 
 def kl_shaped_token_rewards(
@@ -197,19 +202,26 @@ def compute_advantages(
             (``TOKEN_REWARD_ESTIMATORS`` only; the others have no token rewards and ignore it);
         gamma, lam: discount and GAE lambda; whiten: extra batch whitening for grpo / rloo / gae
         (``reinforce_pp*`` always whiten); eps: GRPO std epsilon.
+
+    Every step runs in float64; advantages and returns come back in the dtype of ``scores``.
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(
             f"algo.advantage_estimator: unknown {estimator!r}; valid choices: {list(ADVANTAGE_ESTIMATORS)}"
         )
+    dtype, scores = scores.dtype, scores.to(torch.float64)
     clean, finite, num_nonfinite = _finite_scores(scores)
+
+    def output(advantages: torch.Tensor, returns: torch.Tensor) -> AdvantageOutput:
+        return AdvantageOutput(advantages.to(dtype), returns.to(dtype), num_nonfinite)
+
     mask = (response_mask != 0) & finite.unsqueeze(1)
     if estimator not in TOKEN_REWARD_ESTIMATORS:  # grpo, grpo_no_std, rloo: one advantage per sequence
         seq_adv, _ = group_baseline_advantages(scores, group_ids, estimator, eps)
         advantages = torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), torch.zeros_like(mask, dtype=clean.dtype))
         if whiten:
             advantages = masked_whiten(advantages, mask)
-        return AdvantageOutput(advantages, advantages, num_nonfinite)
+        return output(advantages, advantages)
     if estimator == "reinforce_pp_baseline":
         clean, _ = group_baseline_advantages(scores, group_ids, "mean")
     token_rewards = kl_shaped_token_rewards(clean, mask, kl, kl_coef)
@@ -219,6 +231,6 @@ def compute_advantages(
         advantages, returns = gae_advantages(token_rewards, values.to(clean.dtype), mask, gamma, lam)
         if whiten:
             advantages = masked_whiten(advantages, mask)
-        return AdvantageOutput(advantages, returns, num_nonfinite)
+        return output(advantages, returns)
     returns = discounted_returns(token_rewards, mask, gamma)
-    return AdvantageOutput(masked_whiten(returns, mask), returns, num_nonfinite)
+    return output(masked_whiten(returns, mask), returns)

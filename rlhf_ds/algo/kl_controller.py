@@ -2,9 +2,12 @@
 
 Both expose ``value`` (the current coefficient), ``update(current_kl, n_steps)`` and
 ``state_dict`` / ``load_state_dict`` so that a resumed run continues with the coefficient it had.
+A non-finite KL (or checkpointed coefficient) is refused with a ValueError rather than stored: one NaN
+in an adaptive coefficient would stay NaN for the rest of the run. The trainer checks the KL first.
 """
 from __future__ import annotations
 
+import math
 from typing import Union
 
 
@@ -19,7 +22,8 @@ class FixedKLController:
         self.value = float(coef)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        del current_kl, n_steps  # nothing adapts
+        _check_finite_kl(current_kl)  # the same contract as the adaptive controller
+        del n_steps  # nothing adapts
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "value": self.value}
@@ -49,7 +53,7 @@ class AdaptiveKLController:
         self.horizon = int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> None:
-        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        error = min(max(_check_finite_kl(current_kl) / self.target - 1.0, -0.2), 0.2)
         self.value *= 1.0 + error * n_steps / self.horizon
 
     def state_dict(self) -> dict:
@@ -57,10 +61,22 @@ class AdaptiveKLController:
 
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, self.kind)
-        self.value = float(state["value"])
+        value = float(state["value"])
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"KL controller checkpoint holds coefficient {value!r}; a coefficient must be "
+                             f"finite and >= 0")
+        self.value = value
 
 
 KLController = Union[FixedKLController, AdaptiveKLController]
+
+
+def _check_finite_kl(current_kl: float) -> float:
+    value = float(current_kl)
+    if not math.isfinite(value):
+        raise ValueError(f"KL controller update: current_kl must be a finite number, got {value!r}; the "
+                         f"coefficient was left at its previous value")
+    return value
 
 
 def _check_kind(state: dict, expected: str) -> None:

@@ -8,13 +8,16 @@ environment before the worker is built, so the worker's own ``init_distributed``
 
 Results are collected with ``ray.wait`` rather than ``ray.get`` in rank order: when one rank fails, the
 others are usually blocked in a collective with it, and waiting on them first would hang the driver.
-The first failure is raised at once as :class:`WorkerFailure` naming the role, the rank and the error.
+The first failure is raised at once as :class:`WorkerFailure` naming the role, the rank and the error;
+ranks that do not answer within ``cluster.call_timeout_s`` (a stopped process, a hung collective) raise
+:class:`WorkerTimeout` naming them.
 """
 from __future__ import annotations
 
 import os
 import re
 import socket
+import time
 from typing import Any, Callable, Sequence
 
 import ray
@@ -23,6 +26,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
 from rlhf_ds.cluster.placement import PlacementPlan
+from rlhf_ds.cluster.reaper import start_reaper
 
 
 class WorkerFailure(RuntimeError):
@@ -31,6 +35,15 @@ class WorkerFailure(RuntimeError):
     def __init__(self, role: str, rank: int, cause: BaseException):
         self.role, self.rank, self.cause = role, rank, cause
         super().__init__(f"role {role!r} rank {rank} failed: {_describe(cause)}")
+
+
+class WorkerTimeout(RuntimeError):
+    """Ranks of a role group that did not answer within ``cluster.call_timeout_s``."""
+
+    def __init__(self, role: str, ranks: list[int], timeout_s: float):
+        self.role, self.ranks = role, ranks
+        super().__init__(f"role {role!r} rank(s) {ranks} did not answer within cluster.call_timeout_s="
+                         f"{timeout_s:g} s (stopped, hung in a collective, or too slow: raise the deadline)")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -125,8 +138,9 @@ class RoleGroup:
 
     def __init__(self, role: str, worker_cls: type, plan: PlacementPlan, pools: dict[str, PlacementGroup],
                  *, use_gpu: bool, cpus_per_worker: float, worker_args: Sequence = (),
-                 worker_kwargs: dict | None = None, env: dict[str, str] | None = None):
-        self.role = role
+                 worker_kwargs: dict | None = None, env: dict[str, str] | None = None,
+                 call_timeout_s: float = 1800.0):
+        self.role, self.call_timeout_s = role, call_timeout_s
         placement = plan.roles[role]
         resources = plan.rank_resources(role, use_gpu, cpus_per_worker)
         self.num_ranks = len(placement.bundle_indices)
@@ -174,8 +188,11 @@ class RoleGroup:
         rank_of = {ref: rank for rank, ref in enumerate(futures)}
         results: list = [None] * len(futures)
         pending = list(futures)
+        deadline = time.monotonic() + self.call_timeout_s
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise WorkerTimeout(self.role, sorted(rank_of[ref] for ref in pending), self.call_timeout_s)
             for ref in ready:
                 try:
                     results[rank_of[ref]] = ray.get(ref)
@@ -225,6 +242,7 @@ def start_ray(address: str, num_cpus_needed: float) -> bool:
     num_cpus = max(os.cpu_count() or 1, int(-(-num_cpus_needed // 1)))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
              runtime_env={"env_vars": worker_env()})
+    start_reaper()   # a driver killed with SIGKILL leaves none of this Ray's processes behind
     return True
 
 

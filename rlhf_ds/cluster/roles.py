@@ -48,6 +48,9 @@ class Roles:
     reference: Optional[Group] = None
     reward: Optional[Group] = None
     is_main: bool = True          # writes logs and files: the Ray driver, or rank 0 under the launcher
+    # any_process(flag): True on every controller when it is True on one (SPMD ranks must agree on
+    # when to stop; a single Ray driver agrees with itself)
+    any_process: Callable[[bool], bool] = bool
     _cleanup: list = field(default_factory=list)
 
     def trainable(self) -> dict[str, Group]:
@@ -58,9 +61,15 @@ class Roles:
                 if (g := getattr(self, name)) is not None}
 
     def shutdown(self) -> None:
-        for fn in reversed(self._cleanup):
-            fn()
-        self._cleanup.clear()
+        """Every clean-up step runs, even when an earlier one fails; the first failure is raised after."""
+        first: Optional[BaseException] = None
+        while self._cleanup:
+            try:
+                self._cleanup.pop()()
+            except Exception as err:  # noqa: BLE001 - keep cleaning, report the first
+                first = first or err
+        if first is not None:
+            raise first
 
 
 def build_roles(cfg: Config, total_steps: int) -> Roles:
@@ -103,7 +112,7 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
                 continue
             cls, args = _worker_spec(cfg, name)
             group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
-                              env=env)
+                              env=env, call_timeout_s=cfg.cluster.call_timeout_s)
             roles._cleanup.append(group.shutdown)
             setattr(roles, name, group)
     except BaseException:
@@ -114,10 +123,10 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
 
 def _build_spmd(cfg: Config, ranks: dict[str, int]) -> Roles:
     from rlhf_ds.cluster.spmd_group import SpmdGroup
-    from rlhf_ds.engine.dist import init_distributed
+    from rlhf_ds.engine.dist import any_rank, init_distributed
 
-    init_distributed()
-    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0)
+    init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
+    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0, any_process=any_rank)
     for name, n in ranks.items():
         if n == 0:
             continue

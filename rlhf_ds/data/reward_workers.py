@@ -1,15 +1,33 @@
-"""Worker processes of the RewardRunner: one fresh interpreter per worker, one call at a time.
+"""Worker processes of the RewardRunner: one fresh interpreter per worker, one message at a time.
 
 The parent talks to each worker over a socket pair with ``multiprocessing.connection`` messages:
-parent -> worker ``(function or spec, (prompts, responses, answers, finished))`` or ``None`` (exit);
-worker -> parent ``("ready",)`` once, then one outcome per call: ``("ok", floats)``, ``("raised", tb)``,
-``("bad_return", why)`` or ``("load_error", tb)``. A worker whose call hangs is killed by the parent;
-a worker whose parent dies exits by itself.
+parent -> worker ``("load", spec)`` (import one reward function, once per worker, before the calls),
+``("call", function or spec, (prompts, responses, answers, finished))`` or ``None`` (exit);
+worker -> parent ``("ready",)`` once, ``("loaded",)`` or ``("load_error", tb)`` per load, then one outcome
+per call: ``("ok", floats)``, ``("raised", tb)`` or ``("bad_return", why)``.
+
+What a worker cannot do to the run:
+
+- leave processes behind: each worker leads its own session and process group, and the parent kills
+  the whole group (``killpg``) when a call times out, after a worker crashed, and on ``close``, so the
+  children a reward function spawned die with it. A worker whose parent died kills its own group.
+- exhaust the machine: ``RLIMIT_AS`` caps its address space (an allocation past it is a ``MemoryError``
+  in the call, or a dead worker), ``RLIMIT_CPU`` the CPU time of each message (SIGXCPU kills the
+  worker). Children inherit both; no core files. The CPU budget is renewed before each message: a fixed
+  total would kill a warm worker that serves a long run.
+- read the trainer's secrets from its environment: a worker gets PATH, HOME, LANG, LC_ALL, TMPDIR,
+  PYTHONPATH and OMP_NUM_THREADS=1 only, not the trainer's tokens and cloud keys.
+
+This confines accidents, not an attacker: a worker runs as the trainer's user, can read its files and
+use the network, and a child that starts a session of its own escapes the group kill.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -18,23 +36,58 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
+_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
 
-def _call_reward(fn_or_spec, cache: dict, args: tuple) -> tuple:
-    """Run one call inside a worker; the outcome tuple tells the parent what happened."""
+
+def minimal_env(**overrides: str) -> dict[str, str]:
+    """The environment of a sandboxed process: the few variables programs need to run, no secrets."""
+    env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
+    env["OMP_NUM_THREADS"] = "1"  # reward code shares the machine with training
+    env.update(overrides)
+    return env
+
+
+def kill_process_group(process: subprocess.Popen) -> None:
+    """SIGKILL everything in the process group that ``process`` leads (``start_new_session``); reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is empty: the leader was reaped and left no children
+        pass
+    process.wait(timeout=10)
+
+
+def _lower_limit(kind: int, soft: int, hard: int) -> None:
+    """setrlimit that never asks for more than the current hard limit (only root may raise it)."""
+    ceiling = resource.getrlimit(kind)[1]
+    if ceiling != resource.RLIM_INFINITY:
+        soft, hard = min(soft, ceiling), (ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling))
+    resource.setrlimit(kind, (soft, hard))
+
+
+def _renew_cpu_budget(cpu_time_limit_s: int) -> None:
+    """Allow ``cpu_time_limit_s`` more CPU seconds from now (RLIMIT_CPU counts the process's lifetime)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    soft = math.ceil(usage.ru_utime + usage.ru_stime) + cpu_time_limit_s
+    _lower_limit(resource.RLIMIT_CPU, soft, resource.getrlimit(resource.RLIMIT_CPU)[1])
+
+
+def _load(spec: str, functions: dict) -> tuple:
     from rlhf_ds.data.rewards import load_reward_function  # here: rewards imports this module
 
     try:
-        if isinstance(fn_or_spec, str):
-            if fn_or_spec not in cache:
-                cache[fn_or_spec] = load_reward_function(fn_or_spec)
-            fn = cache[fn_or_spec]
-        else:
-            fn = fn_or_spec
-    except BaseException:
+        functions[spec] = load_reward_function(spec)
+        return ("loaded",)
+    except BaseException as err:
+        traceback.clear_frames(err.__traceback__)  # after a MemoryError the frames' locals hold the memory
         return ("load_error", traceback.format_exc(limit=-3))
+
+
+def _call_reward(fn, args: tuple) -> tuple:
+    """Run one call inside a worker; the outcome tuple tells the parent what happened."""
     try:
         raw = fn(*args)
-    except BaseException:  # SystemExit from user code is a failure too, not a dead worker
+    except BaseException as err:  # SystemExit from user code is a failure too, not a dead worker
+        traceback.clear_frames(err.__traceback__)
         return ("raised", traceback.format_exc(limit=-3))
     try:
         if isinstance(raw, (str, bytes)):
@@ -47,10 +100,10 @@ def _call_reward(fn_or_spec, cache: dict, args: tuple) -> tuple:
         return ("bad_return", f"returned {type(raw).__name__} that is not a sequence of numbers ({err})")
 
 
-def _worker_main(conn) -> None:
-    """Worker process loop: announce readiness, then answer one call at a time until told to stop."""
+def _worker_main(conn, cpu_time_limit_s: int) -> None:
+    """Worker process loop: announce readiness, then answer one message at a time until told to stop."""
     conn.send(("ready",))
-    cache: dict = {}
+    functions: dict = {}  # spec -> loaded function
     while True:
         try:
             message = conn.recv()
@@ -58,62 +111,84 @@ def _worker_main(conn) -> None:
             return
         if message is None:
             return
-        fn_or_spec, args = message
-        conn.send(_call_reward(fn_or_spec, cache, args))
+        if cpu_time_limit_s:
+            _renew_cpu_budget(cpu_time_limit_s)
+        if message[0] == "load":
+            conn.send(_load(message[1], functions))
+        else:
+            _, fn_or_spec, args = message
+            fn = functions[fn_or_spec] if isinstance(fn_or_spec, str) else fn_or_spec
+            conn.send(_call_reward(fn, args))
 
 
 def _exit_when_orphaned(parent_pid: int) -> None:
-    """Watchdog thread of a worker: a call stuck in user code must not outlive the parent."""
+    """Watchdog thread of a worker: a call stuck in user code must not outlive the parent, nor its spawn."""
     while os.getppid() == parent_pid:
         time.sleep(1.0)
-    os._exit(1)
+    os.killpg(0, signal.SIGKILL)  # the worker leads its group: this kills it and what it spawned
 
 
-def worker_entry(fd: int) -> None:
-    """Entry point of a worker process, given the file descriptor of its socket to the parent."""
+def worker_entry(fd: int, memory_limit_mb: int, cpu_time_limit_s: int) -> None:
+    """Entry point of a worker process: its socket to the parent and its limits (0 = none)."""
     threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True).start()
-    _worker_main(Connection(fd))
+    _lower_limit(resource.RLIMIT_CORE, 0, 0)  # a worker killed by SIGXCPU or SIGSEGV writes no core file
+    if memory_limit_mb:
+        _lower_limit(resource.RLIMIT_AS, memory_limit_mb * 2**20, memory_limit_mb * 2**20)
+    _worker_main(Connection(fd), cpu_time_limit_s)
 
 
 # A fresh interpreter that imports only rlhf_ds.data. multiprocessing's spawn would also re-run the
 # parent's __main__ (a training script importing torch, deepspeed, ray...) in every worker, and fail
 # outright for a script without an ``if __name__ == "__main__"`` guard.
 _BOOTSTRAP = ("import sys; from rlhf_ds.data.reward_workers import worker_entry; "
-              "worker_entry(int(sys.argv[1]))")
+              "worker_entry(*map(int, sys.argv[1:4]))")
 
 
 class WorkerProcess:
-    """One worker process and the parent's end of the socket to it."""
+    """One worker process, the parent's end of the socket to it, and what it is busy with.
 
-    def __init__(self, start_timeout_s: float):
+    specs: the reward function specs it imports, one ``load`` message each, before its first call.
+    """
+
+    def __init__(self, start_timeout_s: float, specs: list[str], *, memory_limit_mb: int,
+                 cpu_time_limit_s: int):
         parent_sock, child_sock = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-        env.setdefault("OMP_NUM_THREADS", "1")  # reward code shares the machine with training
+        env = minimal_env(PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        argv = [sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno()), str(memory_limit_mb),
+                str(cpu_time_limit_s)]
         with child_sock:
-            self.process = subprocess.Popen([sys.executable, "-c", _BOOTSTRAP, str(child_sock.fileno())],
-                                            pass_fds=(child_sock.fileno(),), env=env)
+            self.process = subprocess.Popen(argv, pass_fds=(child_sock.fileno(),), env=env,
+                                            start_new_session=True)
         self.conn = Connection(parent_sock.detach())
-        self.ready = False
+        self.started = False
+        self.unloaded = list(specs)  # the first one is in flight while ``loading``
+        self.loading = False
         self.task: int | None = None  # index of the call in flight
-        self.deadline = time.monotonic() + start_timeout_s  # start-up deadline until ready
+        self.deadline = time.monotonic() + start_timeout_s  # start-up deadline until started
 
     @property
-    def waiting(self) -> bool:
-        return not self.ready or self.task is not None
+    def idle(self) -> bool:
+        return self.started and not self.loading and self.task is None
 
-    def send(self, task: int, payload, timeout_s: float) -> None:
-        self.conn.send(payload)
+    def load_next(self, timeout_s: float) -> None:
+        self.conn.send(("load", self.unloaded[0]))
+        self.loading, self.deadline = True, time.monotonic() + timeout_s
+
+    def loaded(self) -> None:
+        self.unloaded.pop(0)
+        self.loading = False
+
+    def call(self, task: int, fn_or_spec, args: tuple, timeout_s: float) -> None:
+        self.conn.send(("call", fn_or_spec, args))
         self.task, self.deadline = task, time.monotonic() + timeout_s
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=10)
+        kill_process_group(self.process)
         self.conn.close()
 
 
 def stop_workers(workers: list[WorkerProcess]) -> None:
-    """Ask idle workers to exit, kill the rest; empties ``workers`` in place."""
+    """Ask idle workers to exit, kill the rest and whatever any of them left running; empties ``workers``."""
     stopping = list(workers)
     workers.clear()
     for w in stopping:
@@ -123,7 +198,7 @@ def stop_workers(workers: list[WorkerProcess]) -> None:
             pass
     for w in stopping:
         try:
-            w.process.wait(timeout=0.5 if w.task is None else 0.001)
+            w.process.wait(timeout=0.5 if w.idle else 0.001)
         except subprocess.TimeoutExpired:
             pass
         w.kill()

@@ -6,6 +6,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from rlhf_ds.batch import Experience
+from rlhf_ds.choices import NONFINITE_SCORE_POLICIES
 from rlhf_ds.data.prompts import PromptRecord
 from rlhf_ds.data.rewards import exact_match
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams, build_experience
@@ -29,7 +30,33 @@ def score_rules(runner: Any, records: Sequence[PromptRecord], exp: Experience, t
                 finished: list[bool]) -> tuple[torch.Tensor, dict[str, float]]:
     rows = [records[int(g)] for g in exp.group_ids]
     scores, stats = runner([r.prompt for r in rows], texts, [r.answer for r in rows], finished)
-    return torch.tensor(scores, dtype=torch.float32), {f"reward/{k}": float(v) for k, v in stats.items()}
+    return torch.tensor(scores, dtype=torch.float64), {f"reward/{k}": float(v) for k, v in stats.items()}
+
+
+def clean_model_scores(scores: torch.Tensor, policy: str,
+                       failure_value: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Reward-model scores [B] with NaN / inf replaced per ``reward.nonfinite_model_score``.
+
+    policy "failure_value": each non-finite score becomes ``failure_value``; "fail": any non-finite
+    score raises. A step in which no score is finite raises under either policy: the reward model is
+    broken, and scoring every sample ``failure_value`` would train on a constant reward unnoticed.
+    Returns the cleaned scores (same dtype) and ``{"reward/model_nonfinite": count}``.
+    """
+    if policy not in NONFINITE_SCORE_POLICIES:
+        raise ValueError(f"reward.nonfinite_model_score: unknown policy {policy!r}; valid choices: "
+                         f"{', '.join(map(repr, NONFINITE_SCORE_POLICIES))}")
+    finite = torch.isfinite(scores)
+    num_nonfinite = int((~finite).sum().item())
+    if scores.numel() and num_nonfinite == scores.numel():
+        raise ValueError(f"the reward model produced no finite score in this step ({num_nonfinite} of "
+                         f"{scores.numel()} scores are NaN / inf), which stops the run whatever "
+                         f"reward.nonfinite_model_score says; check the reward model and its inputs")
+    if num_nonfinite and policy == "fail":
+        raise ValueError(f"the reward model produced {num_nonfinite} non-finite (NaN / inf) scores of "
+                         f"{scores.numel()} with reward.nonfinite_model_score='fail'; set "
+                         f"reward.nonfinite_model_score='failure_value' to score them reward.failure_value")
+    cleaned = torch.where(finite, scores, torch.full_like(scores, failure_value))
+    return cleaned, {"reward/model_nonfinite": float(num_nonfinite)}
 
 
 def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],

@@ -125,7 +125,7 @@ def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
 
     if role not in ROLES:
         raise ValueError(f"role={role!r}; valid: {list(ROLES)}")
-    dist.init_distributed()
+    dist.init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
     role_cfg = getattr(cfg, role)
     ds_config = role_ds_config(cfg, role, dist.dp_size(), dist.has_gpu())
     output_dir = cfg.trainer.output_dir if output_dir is None else output_dir

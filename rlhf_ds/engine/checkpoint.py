@@ -14,6 +14,7 @@ import torch.distributed as torch_dist
 
 from rlhf_ds.engine import dist
 from rlhf_ds.engine.gather import full_state_dict
+from rlhf_ds.fs import replace_directory
 
 
 def save_checkpoint(role_engine: Any, directory: str | os.PathLike, client_state: Optional[dict] = None,
@@ -35,14 +36,35 @@ def load_checkpoint(role_engine: Any, directory: str | os.PathLike, tag: Optiona
     return client_state or {}
 
 
+def apply_peak_lr(role_engine: Any, lr: float) -> None:
+    """After a load: take the learning rate of the current config, not the checkpoint's.
+
+    DeepSpeed restores the lr scheduler with the base rates it was saved with, which would silently
+    ignore a changed ``<role>.lr`` on resume. Our schedule (``engine.build``) is a LambdaLR of factors
+    of the peak rate: set the peak and the rate of the step the schedule is at. A scheduler from the
+    JSON's own ``scheduler`` section is left as DeepSpeed restored it.
+    """
+    import torch
+
+    scheduler = role_engine.engine.lr_scheduler
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    scheduler.base_lrs = [float(lr)] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = float(lr)
+        group["lr"] = float(lr) * factor(scheduler.last_epoch)
+
+
 def export_hf(role_engine: Any, directory: str | os.PathLike, bucket_bytes: Optional[int] = None) -> None:
-    """Collective: write model (+ tokenizer) as an HF directory on rank 0."""
+    """Collective: write model (+ tokenizer) as an HF directory on rank 0, swapped in whole."""
     module = role_engine.module
     state = full_state_dict(module, bucket_bytes=bucket_bytes)  # every rank joins the gathers
     if dist.dp_rank() == 0:
-        os.makedirs(directory, exist_ok=True)
-        module.save_pretrained(str(directory), state_dict=state, safe_serialization=True)
-        if role_engine.tokenizer is not None:
-            role_engine.tokenizer.save_pretrained(str(directory))
+        def write(tmp) -> None:
+            module.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+            if role_engine.tokenizer is not None:
+                role_engine.tokenizer.save_pretrained(str(tmp))
+
+        replace_directory(directory, write)   # atomic: the old export or the whole new one
     if torch_dist.is_initialized():
         torch_dist.barrier()

@@ -53,7 +53,7 @@ def _skip_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def init_distributed(timeout_s: float = 1800.0) -> None:
+def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group described by the launcher environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, LOCAL_RANK). Idempotent. A process started without that environment becomes a
     single-rank group."""

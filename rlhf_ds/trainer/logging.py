@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+import warnings
 from typing import Optional
 
 from tqdm import tqdm
@@ -32,10 +33,20 @@ _PLOTS = (("reward/mean", "reward (train samples)"), (EVAL_KEY, "held-out accura
 
 
 def read_metrics(path: str, up_to_step: Optional[int] = None) -> list[dict]:
+    """The rows of ``metrics.jsonl``. A last line cut short (the run was killed while writing it) is
+    dropped with a warning; a bad line before the last is an error naming the file and the line."""
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (n, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if k < len(lines) - 1:
+                raise ValueError(f"{path}:{n}: not a JSON object ({err}); the file is damaged") from None
+            warnings.warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 

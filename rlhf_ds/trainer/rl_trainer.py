@@ -12,9 +12,10 @@ then averaged (``reduce_metrics_across_minibatches``).
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -74,28 +75,38 @@ class RLTrainer:
         self.is_main = roles.is_main
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                                        cfg.rollout.max_response_len)
+        # set by the caller (SIGTERM / SIGINT handlers): stop at the next safe point, with a checkpoint
+        self.stop_requested: Callable[[], bool] = lambda: False
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
         cfg = self.cfg.trainer
         resumed = self.resume() if cfg.resume else None
-        if not cfg.resume and self.is_main:
-            retired = checkpoint.retire_checkpoints(cfg.output_dir)
+        if resumed is None and self.is_main:
+            retired = checkpoint.retire_checkpoints(cfg.output_dir, keep=cfg.keep_checkpoints)
             if retired:
-                print(f"trainer.resume=false: moved the earlier run's checkpoints to {retired}")
+                print(f"a fresh run: moved the earlier run's checkpoints to {retired}")
         logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, self.cfg.summary_interval,
                            self.show_progress, main=self.is_main)
         if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
             logger.log(self.step, self.evaluate())
+        stopped = None
         while self.step < cfg.max_steps:
             self.step += 1
             metrics = self.train_step(self.step)
             if self._due(cfg.eval_interval, self.step):
                 metrics.update(self.evaluate())
             logger.log(self.step, metrics)
-            if self._due(cfg.save_interval, self.step):
+            saved = self._due(cfg.save_interval, self.step)
+            if saved:
                 self.save()
-        return logger.finish({"resumed_from": resumed})
+            # a safe point: every controller agrees, so SPMD ranks stop at the same step
+            if self.roles.any_process(self.stop_requested()):
+                if not saved:
+                    self.save()
+                stopped = self.step
+                break
+        return logger.finish({"resumed_from": resumed, "stopped_at_step": stopped})
 
     def _due(self, interval: int, step: int) -> bool:
         return step == self.cfg.trainer.max_steps or (interval > 0 and step % interval == 0)
@@ -115,8 +126,11 @@ class RLTrainer:
             exp, adv_metrics = self.advantages(exp)
         with timer("train"):
             train_metrics = self.update(exp)
-        if "actor/kl" in adv_metrics:   # the coefficient this step used, then the controller's next one
-            self.kl.update(adv_metrics["actor/kl"], len(exp))
+        kl = adv_metrics.get("actor/kl")
+        if kl is not None and math.isfinite(kl):   # the coefficient this step used, then the next one
+            self.kl.update(kl, len(exp))
+        elif kl is not None:   # a non-finite KL never reaches the controller: it keeps its coefficient
+            adv_metrics["actor/kl_nonfinite"] = 1.0
         with timer("sync"):
             self.sync_weights()
         tokens = exp.response_mask.sum().item()
@@ -137,16 +151,19 @@ class RLTrainer:
         texts, finished = scoring.decode(self.tokenizer, exp)
         pending = (self.roles.reward.dispatch_async("compute_scores", exp) if self.roles.reward is not None
                    else None)
-        total = torch.zeros(len(exp))
+        # float64: reward statistics must not round large or close rewards together (1e8 + 1 == 1e8 in fp32)
+        total = torch.zeros(len(exp), dtype=torch.float64)
         metrics: dict[str, float] = {}
         rule_scores = None
         if self.reward_runner is not None:
             rule_scores, metrics = scoring.score_rules(self.reward_runner, records, exp, texts, finished)
             total = total + rule_scores
         if pending is not None:
-            model_scores = pending.get().float()
-            metrics["reward/model_mean"] = model_scores.mean().item()
-            total = total + self.cfg.reward.model_weight * model_scores
+            reward = self.cfg.reward
+            model_scores, model_metrics = scoring.clean_model_scores(pending.get().double(),
+                                                                     reward.nonfinite_model_score, reward.failure_value)
+            metrics.update(model_metrics, **{"reward/model_mean": model_scores.mean().item()})
+            total = total + reward.model_weight * model_scores
         metrics.update(scoring.response_metrics(exp, finished, total, rule_scores))
         return exp.replace(rewards=total), metrics
 
@@ -174,7 +191,9 @@ class RLTrainer:
         metrics["advantages/mean"] = _masked_mean(out.advantages, exp.response_mask)
         metrics["advantages/abs_mean"] = _masked_mean(out.advantages.abs(), exp.response_mask)
         metrics["reward/nonfinite"] = float(out.num_nonfinite)
-        return exp.replace(advantages=out.advantages, returns=out.returns), metrics
+        # the losses run in the actor's float32; the statistics above were float64
+        returns = out.returns.float() if out.returns is not None else None
+        return exp.replace(advantages=out.advantages.float(), returns=returns), metrics
 
     def with_token_weights(self, minibatch: Experience) -> Experience:
         """The mini-batch with its per-token loss weights (``algo.loss_reduction``), computed once on the
@@ -217,11 +236,14 @@ class RLTrainer:
         return {"step": self.step, "loader": self.loader.state_dict(), "kl": self.kl.state_dict()}
 
     def save(self) -> str:
-        return checkpoint.save_run_checkpoint(self.cfg.trainer.output_dir, self.step, self.roles.trainable(),
-                                              self.trainer_state(), write_files=self.is_main)
+        cfg = self.cfg.trainer
+        return checkpoint.save_run_checkpoint(cfg.output_dir, self.step, self.roles.trainable(),
+                                              self.trainer_state(), self.cfg.to_yaml(), write_files=self.is_main,
+                                              keep=cfg.keep_checkpoints)
 
     def resume(self) -> Optional[str]:
-        """Restore the latest complete checkpoint (if any) and push the restored actor to the engines."""
+        """Restore the latest complete checkpoint (if any) and push the restored actor to the engines.
+        The caller has checked its config against this run's (``trainer.resume.check_resume``)."""
         directory = checkpoint.latest_checkpoint(self.cfg.trainer.output_dir)
         if directory is None:
             return None

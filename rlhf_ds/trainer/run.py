@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from typing import Callable
 
 from rlhf_ds.cluster.env import process_rank
@@ -31,7 +34,8 @@ def with_warm_start(cfg: Config, log: Log = print) -> Config:
 
 def build_trainer(cfg: Config, show_progress: bool = True):
     """Start the roles of ``cfg`` and return (the RL trainer over them, its rule-reward runner or None).
-    The caller owns both: ``runner.close()`` and ``trainer.roles.shutdown()`` when done."""
+    The caller owns both: ``runner.close()`` and ``trainer.roles.shutdown()`` when done. A failure while
+    starting leaves nothing behind (reward workers, Ray actors, placement groups)."""
     from transformers import AutoTokenizer
 
     from rlhf_ds.cluster.roles import build_roles
@@ -40,33 +44,78 @@ def build_trainer(cfg: Config, show_progress: bool = True):
     from rlhf_ds.models.tiny import resolve_model_path
     from rlhf_ds.trainer.rl_trainer import RLTrainer
 
-    reward = cfg.reward
-    runner = (RewardRunner(list(reward.functions), list(reward.function_weights), reward.timeout_s,
-                           reward.failure_value, reward.num_workers) if reward.functions else None)
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.actor.tokenizer_path or cfg.actor.model_path))
     train, held_out = load_run_records(cfg.data)
-    roles = build_roles(cfg, total_optimizer_steps(cfg))
-    return RLTrainer(cfg, roles, tokenizer, train, held_out, runner, show_progress), runner
+    reward = cfg.reward
+    runner = (RewardRunner(list(reward.functions), list(reward.function_weights), reward.timeout_s,
+                           reward.failure_value, reward.num_workers, max_failure_fraction=reward.max_failure_fraction,
+                           import_timeout_s=reward.import_timeout_s, memory_limit_mb=reward.memory_limit_mb,
+                           cpu_time_limit_s=reward.cpu_time_limit_s) if reward.functions else None)
+    roles = None
+    try:
+        roles = build_roles(cfg, total_optimizer_steps(cfg))
+        return RLTrainer(cfg, roles, tokenizer, train, held_out, runner, show_progress), runner
+    except BaseException:
+        _close(runner, roles)
+        raise
+
+
+def _close(runner, roles) -> None:
+    """Stop the reward workers and every role, even when one of them fails to stop."""
+    try:
+        if runner is not None:
+            runner.close()
+    finally:
+        if roles is not None:
+            roles.shutdown()
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM / SIGINT ask the run to stop at its next safe point (a checkpoint is written there); a
+    second signal interrupts at once. Yields the flag to poll. Only the main thread can take signals."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested.is_set
+        return
+
+    def handler(signum, _frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+        print(f"rlhf-ds: {signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              f"(again to stop now)", flush=True)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield requested.is_set
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def run_training(cfg: Config, log: Log = print, show_progress: bool = True) -> dict:
     """`rlhf-ds train`: returns the run summary (also written to OUTPUT_DIR/summary.json)."""
     from rlhf_ds.plan.planner import check_fits
+    from rlhf_ds.trainer.resume import check_resume
 
     started = time.time()
     check_fits(cfg, log)   # before any model is built or warm-started
     cfg = with_warm_start(cfg, log)
+    if cfg.trainer.resume:
+        check_resume(cfg, log)   # refuse a resume that would change the run, before anything starts
     os.makedirs(cfg.trainer.output_dir, exist_ok=True)
     if process_rank() == 0:
         cfg.save(os.path.join(cfg.trainer.output_dir, "config.yaml"))
     trainer, runner = build_trainer(cfg, show_progress)
     try:
-        summary = trainer.fit()
+        # installed after the roles start: Ray's own start-up replaces the process's SIGTERM handler
+        with stop_on_signals() as stop_requested:
+            trainer.stop_requested = stop_requested
+            summary = trainer.fit()
         final = os.path.join(cfg.trainer.output_dir, "actor_hf")
         trainer.roles.actor.run_all("export_hf", final)
         summary.update(total_wall_time_s=round(time.time() - started, 1), actor_hf=final)
         return summary
     finally:
-        if runner is not None:
-            runner.close()
-        trainer.roles.shutdown()
+        _close(runner, trainer.roles)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from rlhf_ds.engine.build import RoleEngine, build_engine
-from rlhf_ds.engine.checkpoint import export_hf, load_checkpoint, save_checkpoint
+from rlhf_ds.engine.checkpoint import apply_peak_lr, export_hf, load_checkpoint, save_checkpoint
 from rlhf_ds.engine.step import SkipCounter
 
 
@@ -38,10 +38,19 @@ class TrainableWorker(EngineWorker):
         self.skips = SkipCounter(cfg.trainer.max_skipped_steps)
 
     def save_checkpoint(self, directory: str, client_state: Optional[dict] = None) -> None:
-        save_checkpoint(self.role_engine, directory, client_state)
+        """Collective. The skip counter travels with the engine state: a resumed run aborts after the
+        same number of consecutive bad steps as an uninterrupted one."""
+        skips = {"consecutive": self.skips.consecutive, "total": self.skips.total}
+        save_checkpoint(self.role_engine, directory, {**(client_state or {}), "skips": skips})
 
     def load_checkpoint(self, directory: str) -> dict:
-        return load_checkpoint(self.role_engine, directory)
+        """Collective: parameters, optimizer, schedule and skip counter; the learning rate is this
+        config's (a changed ``<role>.lr`` takes effect)."""
+        client_state = load_checkpoint(self.role_engine, directory)
+        skips = client_state.get("skips", {})
+        self.skips.consecutive, self.skips.total = int(skips.get("consecutive", 0)), int(skips.get("total", 0))
+        apply_peak_lr(self.role_engine, getattr(self.cfg, self.role).lr)
+        return client_state
 
     def export_hf(self, directory: str) -> None:
         export_hf(self.role_engine, directory)

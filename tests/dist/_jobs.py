@@ -208,7 +208,7 @@ def held_model_states(engine) -> dict:
                if torch.is_tensor(v) and v.numel() > 1]
     optimizer = sum(t.numel() * t.element_size() for t in masters + moments)
     return {"parameters": params, "optimizer states": optimizer, "moment tensors": len(moments),
-            "master tensors": len(masters)}
+            "master tensors": len(masters), "optimizer": type(opt.optimizer).__name__}
 
 
 def plan_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experience, critic_exp: Experience,

@@ -1,6 +1,7 @@
 """The planner's model-state bytes per rank equal what built ZeRO-3 engines hold: parameter partitions
 and optimizer states (fp32 master + Adam moments), for 1 and 2 ranks, with and without optimizer offload,
-for the actor (causal LM) and the critic (value model)."""
+for the actor (causal LM) and the critic (value model); and the optimizer DeepSpeed built is the one the
+merged config asks for."""
 from __future__ import annotations
 
 import pytest
@@ -35,3 +36,5 @@ def test_planned_model_states_equal_what_engines_hold(tmp_path, ranks):
                 assert got["moment tensors"] == 2 * got["master tensors"], (template, role)  # m and v exist
                 assert got["parameters"] == planned["parameters"], (template, role, rank)
                 assert got["optimizer states"] == planned["optimizer states"], (template, role, rank)
+                # on CPU: torch's AdamW (no fused-Adam compile), DeepSpeed's CPU Adam when offloaded
+                assert got["optimizer"] == ("DeepSpeedCPUAdam" if "offload" in template else "AdamW")

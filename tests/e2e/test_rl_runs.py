@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from rlhf_ds.config import load_config
+from rlhf_ds.config import ConfigError, load_config
 from rlhf_ds.models.tiny import resolve_model_path
 from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint
 from rlhf_ds.bench import run_bench
@@ -84,6 +84,15 @@ def test_grpo_all_roles_then_resume(ray_session, tmp_path):
     resumed_actor = load_file(os.path.join(out, "actor_hf", "model.safetensors"))
     straight_actor = load_file(os.path.join(straight, "actor_hf", "model.safetensors"))
     assert max((resumed_actor[k] - straight_actor[k]).abs().max().item() for k in straight_actor) < 1e-6
+
+    # a changed learning rate takes effect on resume (DeepSpeed would restore the saved one); a changed
+    # model path is refused before anything starts, listing the key
+    _run("grpo_tiny", out, ["cluster.colocate=true", "trainer.max_steps=4", "trainer.resume=true", "actor.lr=5e-4"])
+    assert _rows(out)[-1]["step"] == 4 and _rows(out)[-1]["actor/lr"] == pytest.approx(5e-4)
+    assert _rows(out)[-2]["actor/lr"] == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"actor.model_path: 'tiny:llama-micro' -> 'tiny:llama-arith'"):
+        _run("grpo_tiny", out, ["cluster.colocate=true", "trainer.max_steps=5", "trainer.resume=true",
+                                "actor.model_path=tiny:llama-arith"])
 
 
 def test_ppo_all_four_roles(ray_session, tmp_path):

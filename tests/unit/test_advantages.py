@@ -120,6 +120,51 @@ def test_vectorised_group_estimators_match_slow_loop(mode, seed):
     assert bad == sum(not math.isfinite(s) for s in scores)
 
 
+# ---- float64 statistics: rewards whose float32 statistics lose the answer ---------------------------------
+def test_grpo_of_huge_float32_rewards_matches_hand_values():
+    # float32 squares of deviations near 1e20 overflow to inf: std inf made every advantage 0.
+    # Scale-free: [1e20, 0, 0, 0] gives the advantages of [1, 0, 0, 0], i.e. 1.5, -0.5 (test_grpo_hand_values).
+    scores = torch.tensor([1e20, 0.0, 0.0, 0.0], dtype=torch.float32)
+    adv, bad = group_baseline_advantages(scores, torch.zeros(4, dtype=torch.long), "grpo", eps=0.0)
+    assert adv.dtype == torch.float32 and bad == 0
+    torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5]))
+
+
+def test_grpo_keeps_differences_a_float32_group_mean_rounds_off():
+    # 1e7 + [0, 1, 2, 3] is exact in float32 (below 2**24), but their float32 sum 4e7 + 6 is not (spacing 4
+    # there), so a float32 mean is off by 0.5 and one member got advantage 0. In float64 the centred
+    # scores are [-1.5, -0.5, 0.5, 1.5], unbiased var 5/3.
+    scores = torch.tensor([1e7, 1e7 + 1, 1e7 + 2, 1e7 + 3], dtype=torch.float32)
+    assert scores.tolist() == [1e7, 1e7 + 1, 1e7 + 2, 1e7 + 3]
+    adv, _ = group_baseline_advantages(scores, torch.zeros(4, dtype=torch.long), "grpo", eps=0.0)
+    expected = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / math.sqrt(5 / 3)
+    torch.testing.assert_close(adv, expected)
+    assert (adv != 0).all() and (adv.diff() > 0).all()
+    out = compute_advantages("grpo", scores, torch.ones(4, 2), torch.zeros(4, dtype=torch.long), eps=0.0)
+    assert out.advantages.dtype == torch.float32
+    torch.testing.assert_close(out.advantages, expected.unsqueeze(1).expand(4, 2))
+
+
+def test_whitening_of_huge_float32_values():
+    # mean 3e20, deviations +-2e20 whose float32 squares overflow; std 2e20 -> -1, 0, 1
+    values = torch.tensor([[1e20, 3e20], [5e20, 7.0]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1], [1, 0]])
+    out = masked_whiten(values, mask, eps=0.0)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("estimator", ADVANTAGE_ESTIMATORS)
+def test_every_estimator_gives_huge_float32_rewards_the_advantages_of_small_ones(estimator):
+    # every estimator is linear in the scores up to its whitening, so 1e20 * r whitens like r
+    small = torch.tensor([1.0, 0.0, 0.0, 0.5], dtype=torch.float32)
+    mask, groups = torch.ones(4, 3), torch.tensor([0, 0, 1, 1])
+    outs = [compute_advantages(estimator, s, mask, groups, values=torch.zeros(4, 3), whiten=True, eps=0.0)
+            for s in (small, small * 1e20)]
+    assert outs[1].advantages.dtype == torch.float32 and (outs[1].advantages != 0).any()
+    torch.testing.assert_close(outs[1].advantages, outs[0].advantages)
+
+
 # ---- token rewards, returns, whitening ------------------------------------------------------------------
 def test_kl_shaped_token_rewards_hand_values():
     mask = _t([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
@@ -280,3 +325,22 @@ def test_fixed_kl_controller_never_moves():
     with pytest.raises(ValueError, match="kl_horizon"):
         make_kl_controller(0.05, adaptive=True, target=1.0, horizon=0)
 
+
+
+@pytest.mark.parametrize("bad_kl", [math.nan, math.inf, -math.inf, torch.tensor(math.nan)])
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_kl_controllers_refuse_a_nonfinite_kl_and_keep_their_coefficient(bad_kl, adaptive):
+    ctl = make_kl_controller(0.1, adaptive=adaptive, target=6.0, horizon=10000)
+    with pytest.raises(ValueError, match="current_kl must be a finite number"):
+        ctl.update(current_kl=bad_kl, n_steps=256)
+    assert ctl.value == 0.1
+    ctl.update(current_kl=9.0, n_steps=256)  # still usable afterwards
+    assert math.isfinite(ctl.value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -0.5])
+def test_adaptive_kl_controller_refuses_a_bad_checkpointed_coefficient(value):
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        ctl.load_state_dict({"kind": "adaptive", "value": value})
+    assert ctl.value == 0.1

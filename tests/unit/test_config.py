@@ -214,6 +214,50 @@ def test_bounds(override, expected):
     assert str(err.value).startswith(expected)
 
 
+FLOAT_FIELDS = [f for f in iter_fields(Config) if f.hint is float or get_args(f.hint)[:1] == (float,)]
+
+
+def test_float_fields_are_found():
+    paths = {f.path for f in FLOAT_FIELDS}
+    assert {"actor.lr", "reward.model_weight", "reward.failure_value", "actor.adam_betas",
+            "critic.adam_betas", "reward.function_weights", "algo.kl_coef"} <= paths
+
+
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+@pytest.mark.parametrize("info", FLOAT_FIELDS, ids=lambda f: f.path)
+def test_every_float_refuses_nan_and_inf(info, bad):
+    # scalars and every item of a float sequence; a bound, if any, may be the check that refuses it
+    if info.hint is float:
+        override, path = f"{info.path}={bad}", info.path
+    else:
+        items = max(len(info.default), 1)
+        override, path = f"{info.path}=[{', '.join(['0.5'] * (items - 1) + [bad])}]", f"{info.path}[{items - 1}]"
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    message = str(err.value)
+    assert message.startswith(f"{path}: must be ") and message.endswith(f"got {bad.replace('.', '', 1)}")
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("reward.model_weight=.nan", "reward.model_weight: must be a finite number, got nan"),
+    ("reward.failure_value=-.inf", "reward.failure_value: must be a finite number, got -inf"),
+    ("algo.kl_coef=.inf", "algo.kl_coef: must be a finite number, got inf"),
+    ("actor.adam_betas=[0.9, .nan]", "actor.adam_betas[1]: must be a finite number, got nan"),
+    ("reward.function_weights=[.inf]", "reward.function_weights[0]: must be a finite number, got inf"),
+])
+def test_nonfinite_floats_name_the_key_and_the_value(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load(override)
+    assert str(err.value) == expected
+
+
+def test_seed_must_not_be_negative():
+    assert load("seed=0").seed == 0
+    with pytest.raises(ConfigError) as err:
+        load("seed=-1")
+    assert str(err.value) == "seed: must be >= 0, got -1"
+
+
 def test_clip_ranges_accept_the_closed_lower_end():
     cfg = load("algo.clip_low=0", "algo.clip_high=0.99")
     assert (cfg.algo.clip_low, cfg.algo.clip_high) == (0.0, 0.99)
@@ -350,6 +394,25 @@ def test_deepspeed_launcher_needs_equal_ranks_across_used_roles():
                 "cluster.launcher='deepspeed' runs every role on every rank; got actor.num_ranks=2, "
                 "critic.num_ranks=1, reference.num_ranks=1", recipe="ppo_tiny")
     load("cluster.launcher=deepspeed", "actor.num_ranks=2")  # grpo_tiny: only the actor is used
+
+
+@pytest.mark.parametrize("role", ["actor", "critic"])
+@pytest.mark.parametrize("betas", [[1.5, 2.0], [0.9, 1.0], [-0.1, 0.999]])
+def test_adam_betas_must_be_in_zero_one(role, betas):
+    # checked for the critic too, even when this run has none (like every field bound)
+    assert_rule([f"{role}.adam_betas={betas}"], f"{role}.adam_betas must each be in [0, 1), got {betas}")
+
+
+def test_adam_betas_accept_the_closed_lower_end():
+    cfg = load("actor.adam_betas=[0, 0.999]", "critic.adam_betas=[0.5, 0]")
+    assert cfg.actor.adam_betas == (0.0, 0.999) and cfg.critic.adam_betas == (0.5, 0.0)
+
+
+@pytest.mark.parametrize("override,shown", [("trainer.output_dir=", "''"), ("trainer.output_dir='  '", "'  '")])
+def test_output_dir_must_not_be_empty(override, shown):
+    assert_rule([override], f"trainer.output_dir must be a non-empty path (metrics and checkpoints go "
+                            f"there), got {shown}")
+    assert load("trainer.output_dir=outputs/x").trainer.output_dir == "outputs/x"
 
 
 def test_vllm_backend_is_refused_before_anything_starts():

@@ -1,7 +1,13 @@
-"""Reward functions and the RewardRunner's failure modes (raise, hang, crash, bad returns), off-thread too."""
+"""Reward functions and the RewardRunner's failure modes (raise, hang, crash, bad returns), off-thread
+too; what a worker cannot do to the run (leave processes behind, exhaust memory or CPU, read secrets, hang
+an import, fail every sample unnoticed)."""
 
+import os
+import resource
+import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +15,7 @@ from rlhf_ds.data.rewards import (REWARD_FUNCTIONS, RewardFunctionError, RewardR
                                   format_reward, load_reward_function)
 
 USER_FUNCTIONS = '''
-import math, os, time
+import math, os, resource, subprocess, sys, time
 
 def length(prompts, responses, answers, finished):
     return [float(len(r)) for r in responses]
@@ -35,6 +41,52 @@ def words(prompts, responses, answers, finished):
 def hang_on_first_sample_marker(prompts, responses, answers, finished):
     if "slow" in responses:
         time.sleep(60)
+    return [1.0 for _ in responses]
+
+def boom_on_marker(prompts, responses, answers, finished):
+    if "bad" in responses:
+        raise ValueError("bad sample")
+    return [1.0 for _ in responses]
+
+def _spawn_sleeper(pid_file):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(pid_file, "w") as f:
+        f.write(str(child.pid))
+
+def spawn_and_hang(prompts, responses, answers, finished):
+    _spawn_sleeper(answers[0])  # the answer names the file that gets the child's pid
+    time.sleep(60)
+
+def spawn_and_return(prompts, responses, answers, finished):
+    _spawn_sleeper(answers[0])
+    return [1.0 for _ in responses]
+
+def hog_on_marker(prompts, responses, answers, finished):
+    held = []
+    while "hog" in responses:
+        held.append(bytearray(50 * 2**20))  # calloc: address space, hardly any real memory
+    return [1.0 for _ in responses]
+
+def spin(prompts, responses, answers, finished):
+    while True:
+        pass
+
+def limits(prompts, responses, answers, finished):
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_left = resource.getrlimit(resource.RLIMIT_CPU)[0] - usage.ru_utime - usage.ru_stime
+    return [resource.getrlimit(resource.RLIMIT_AS)[0], cpu_left] + [0.0] * (len(responses) - 2)
+
+def env_probe(prompts, responses, answers, finished):
+    # an answer "NAME" scores 1.0 when NAME is set, "NAME=value" when it is set to value
+    return [float(os.environ.get(a.partition("=")[0]) == a.partition("=")[2]) if "=" in a
+            else float(a in os.environ) for a in answers]
+'''
+
+SLOW_IMPORT = '''
+import time
+time.sleep(1.5)
+
+def one(prompts, responses, answers, finished):
     return [1.0 for _ in responses]
 '''
 
@@ -93,9 +145,19 @@ def test_runner_argument_checks():
         RewardRunner(["exact_match"], weights=[1.0, 2.0])
     with pytest.raises(ValueError, match="num_workers"):
         RewardRunner(["exact_match"], num_workers=0)
+    with pytest.raises(ValueError, match=r"max_failure_fraction must be in \[0, 1\]"):
+        RewardRunner(["exact_match"], max_failure_fraction=1.5)
+    with pytest.raises(ValueError, match="memory_limit_mb and cpu_time_limit_s >= 0"):
+        RewardRunner(["exact_match"], memory_limit_mb=-1)
+    with pytest.raises(ValueError, match="import_timeout_s > 0"):
+        RewardRunner(["exact_match"], import_timeout_s=0)
     runner = RewardRunner(["exact_match"])
     with pytest.raises(ValueError, match="differ in length"):
         runner(PROMPTS, RESPONSES[:2], ANSWERS, FINISHED)
+
+
+# Failing on every sample is the point of these tests, not a reason to stop the run.
+TOLERANT = {"max_failure_fraction": 1.0}
 
 
 # --- the runner ----------------------------------------------------------------------------------------
@@ -121,7 +183,8 @@ def test_batches_split_across_workers_keep_sample_order(user_file):
 
 
 def test_raising_function_scores_failure_value_and_is_counted(user_file, caplog):
-    with RewardRunner(["exact_match", f"{user_file}:boom"], failure_value=-1.0, num_workers=2) as runner:
+    with RewardRunner(["exact_match", f"{user_file}:boom"], failure_value=-1.0, num_workers=2,
+                      **TOLERANT) as runner:
         scores, stats = _score(runner)
         assert scores == [1 - 1, 0 - 1, 1 - 1, 0 - 1]  # exact_match unaffected, boom scored -1 everywhere
         assert stats["failures"] == 2 and stats["boom/failures"] == 2  # one per call (2 workers -> 2 calls)
@@ -139,7 +202,7 @@ def _timed_out_call(runner):
 
 def test_hanging_function_is_stopped_after_timeout_and_worker_replaced(user_file):
     with RewardRunner(["exact_match", f"{user_file}:hang"], timeout_s=0.5, failure_value=0.0,
-                      num_workers=1) as runner:
+                      num_workers=1, **TOLERANT) as runner:
         scores, stats, elapsed = _timed_out_call(runner)
         assert scores == [1.0, 0.0, 1.0, 0.0] and stats["timeouts"] == 1 and stats["hang/timeouts"] == 1
         assert stats["failures"] == 0
@@ -153,7 +216,8 @@ def test_timeout_works_from_a_non_main_thread(user_file):
     result = {}
 
     def score_in_thread():
-        with RewardRunner(["exact_match", f"{user_file}:hang"], timeout_s=0.5, num_workers=1) as runner:
+        with RewardRunner(["exact_match", f"{user_file}:hang"], timeout_s=0.5, num_workers=1,
+                          **TOLERANT) as runner:
             result["first"] = _timed_out_call(runner)
             result["second"] = _timed_out_call(runner)
 
@@ -174,7 +238,7 @@ def test_only_the_hanging_call_times_out(user_file):
 
 
 def test_crashing_worker_counts_as_failure_and_is_replaced(user_file):
-    with RewardRunner(["exact_match", f"{user_file}:crash"], num_workers=1) as runner:
+    with RewardRunner(["exact_match", f"{user_file}:crash"], num_workers=1, **TOLERANT) as runner:
         scores, stats = _score(runner)
         assert scores == [1.0, 0.0, 1.0, 0.0] and stats["crash/failures"] == 1 and stats["timeouts"] == 0
         assert _score(runner)[1]["failures"] == 1
@@ -204,6 +268,130 @@ def test_close_stops_the_workers(user_file):
     assert all(p.poll() is not None for p in processes)
     assert _score(runner)[0] == [1.0, 0.0, 1.0, 0.0]  # restarts on demand
     runner.close()
+
+
+def _alive(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")  # a zombie runs no more; it only waits for whoever reaps it
+
+
+def gone_within(pid, seconds=3.0):
+    """True once ``pid`` has stopped running; False (and kill it, not to leak it) after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def test_timeout_kills_the_processes_the_function_spawned(user_file, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    with RewardRunner([f"{user_file}:spawn_and_hang"], timeout_s=1.0, num_workers=1, **TOLERANT) as runner:
+        _, stats = runner(["p"], ["r"], [str(pid_file)], [True])
+        assert stats["timeouts"] == 1
+        assert gone_within(int(pid_file.read_text()))  # not only the worker: its whole process group
+
+
+def test_close_kills_what_a_function_left_running(user_file, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    runner = RewardRunner([f"{user_file}:spawn_and_return"], num_workers=1)
+    assert runner(["p"], ["r"], [str(pid_file)], [True])[0] == [1.0]
+    child = int(pid_file.read_text())
+    assert _alive(child)  # the call returned and left its child running...
+    runner.close()
+    assert gone_within(child)  # ...until close
+
+
+def test_unbounded_allocation_is_stopped_by_the_memory_limit(user_file, caplog):
+    with RewardRunner(["exact_match", f"{user_file}:hog_on_marker"], timeout_s=5.0, memory_limit_mb=256,
+                      num_workers=1, **TOLERANT) as runner:
+        scores, stats = _score(runner, ["hog", "5", " 6 ", "8"])
+        assert scores == [0.0, 0.0, 1.0, 0.0]
+        # a MemoryError in the call, well before the timeout
+        assert stats["hog_on_marker/failures"] == 1 and stats["timeouts"] == 0
+        assert "MemoryError" in caplog.text
+        scores, stats = _score(runner)  # the runner scores the next batch as usual
+        assert scores == [2.0, 1.0, 2.0, 1.0] and stats["failures"] == 0
+
+
+def test_cpu_time_limit_kills_a_spinning_worker_which_is_replaced(user_file, caplog):
+    with RewardRunner(["exact_match", f"{user_file}:spin"], timeout_s=8.0, cpu_time_limit_s=1,
+                      num_workers=1, **TOLERANT) as runner:
+        scores, stats = _score(runner)
+        assert scores == [1.0, 0.0, 1.0, 0.0]
+        assert stats["spin/failures"] == 1 and stats["timeouts"] == 0  # SIGXCPU, not the wall clock
+        assert f"exited with code {-signal.SIGXCPU}" in caplog.text
+
+
+def test_workers_run_under_the_configured_limits(user_file):
+    with RewardRunner([f"{user_file}:limits"], memory_limit_mb=300, cpu_time_limit_s=7,
+                      num_workers=1) as runner:
+        (address_space, cpu_left), _ = runner(["p"] * 2, ["r"] * 2, ["a"] * 2, [True] * 2)
+    assert address_space == 300 * 2**20
+    assert 6.0 < cpu_left <= 8.0  # renewed per message: 7 s more than the worker had used
+    with RewardRunner([f"{user_file}:limits"], memory_limit_mb=0, cpu_time_limit_s=0,
+                      num_workers=1) as runner:
+        (address_space, cpu_left), _ = runner(["p"] * 2, ["r"] * 2, ["a"] * 2, [True] * 2)
+    assert address_space == resource.getrlimit(resource.RLIMIT_AS)[0]  # 0: the trainer's own limit
+
+
+def test_workers_get_a_minimal_environment(user_file, monkeypatch):
+    monkeypatch.setenv("RLHF_DS_TEST_TOKEN", "secret")
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setenv("HOME", "/home/someone")
+    probes = ["RLHF_DS_TEST_TOKEN", "OMP_NUM_THREADS=1", "HOME=/home/someone", "PATH"]
+    with RewardRunner([f"{user_file}:env_probe"], num_workers=1) as runner:
+        scores, _ = runner(["p"] * 4, ["r"] * 4, probes, [True] * 4)
+    assert scores == [0.0, 1.0, 1.0, 1.0]  # no secret; one OpenMP thread; HOME and PATH passed on
+
+
+def test_import_has_its_own_timeout(tmp_path):
+    path = tmp_path / "slow_import.py"
+    path.write_text(SLOW_IMPORT)
+    # a 1.5 s import does not count against the 1 s call timeout
+    with RewardRunner([f"{path}:one"], timeout_s=1.0, num_workers=1) as runner:
+        scores, stats = _score(runner)
+    assert scores == [1.0] * 4 and stats["timeouts"] == 0
+    with RewardRunner([f"{path}:one"], timeout_s=1.0, import_timeout_s=0.5, num_workers=1) as runner:
+        with pytest.raises(RewardFunctionError,
+                           match=r"importing .*/slow_import\.py took longer than import_timeout_s=0\.5 s"):
+            _score(runner)
+
+
+@pytest.mark.parametrize("name,kind", [("boom", "raised"), ("hang", "timeout")])
+def test_a_function_failing_every_sample_stops_the_run(user_file, name, kind):
+    with RewardRunner(["exact_match", f"{user_file}:{name}"], timeout_s=0.5, num_workers=2) as runner:
+        message = (rf"my_rewards.py:{name}': 4 of 4 samples \(100%\) failed or timed out in one step, "
+                   r"more than max_failure_fraction=0.5")
+        with pytest.raises(RewardFunctionError, match=message) as err:
+            _score(runner)
+    assert f"first problem ({kind})" in str(err.value)
+    assert name != "boom" or "ValueError: boom" in str(err.value)  # the function's own traceback
+
+
+def test_failure_fraction_up_to_the_limit_is_tolerated(user_file):
+    responses = ["bad", "x", "y", "z"]  # 2 workers: the call holding "bad" (2 of 4 samples) raises
+    with RewardRunner([f"{user_file}:boom_on_marker"], failure_value=-1.0, num_workers=2) as runner:
+        scores, stats = _score(runner, responses)
+    assert scores == [-1.0, -1.0, 1.0, 1.0] and stats["failures"] == 1  # 50% is not more than 0.5
+    with RewardRunner([f"{user_file}:boom_on_marker"], max_failure_fraction=0.25, num_workers=2) as runner:
+        with pytest.raises(RewardFunctionError, match=r"2 of 4 samples \(50%\).*max_failure_fraction=0.25"):
+            _score(runner, responses)
+
+
+def test_a_worker_killed_between_calls_is_replaced(user_file):
+    with RewardRunner(["exact_match"], num_workers=1) as runner:
+        _score(runner)
+        dead = runner._workers[0].process
+        dead.kill()
+        dead.wait()
+        assert _score(runner)[0] == [1.0, 0.0, 1.0, 0.0]
+        assert runner._workers[0].process.pid != dead.pid
 
 
 def test_final_number_match_reads_worked_solutions():
