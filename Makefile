@@ -24,7 +24,7 @@ $(STAMP): setup.py pyproject.toml
 
 ## The whole suite: unit (pure, seconds), dist (real ZeRO-3 on 2 gloo ranks), e2e (tiny whole runs).
 test: install
-	$(PYTEST) -q tests
+	$(PYTEST) -q --durations=12 tests
 
 ## The fast tiers alone.
 test-unit: install
