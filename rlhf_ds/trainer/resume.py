@@ -55,7 +55,7 @@ def check_resume(cfg: Config, log: Callable[[str], None] = print) -> Optional[st
     with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
         saved = yaml.safe_load(f)
     changes = changed_keys(saved, cfg.to_dict())
-    ranks = {k: v for k, v in changes.items() if f"{k.split('.')[0]}" in cfg.trainable_roles and k in RANK_KEYS}
+    ranks = {k: v for k, v in changes.items() if k in RANK_KEYS and k.split('.')[0] in cfg.trainable_roles}
     if ranks:
         listed = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in ranks.items())
         raise ConfigError(f"trainer.resume: {directory} was written with other rank counts ({listed}); ZeRO-3 "
