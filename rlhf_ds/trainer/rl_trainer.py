@@ -71,12 +71,15 @@ class RLTrainer:
                                      horizon=algo.kl_horizon)
         self.step = 0
         self.show_progress = show_progress
-        # Under the deepspeed launcher every rank runs this loop; one process writes logs and state files.
-        self.is_main = roles.is_main
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
                                        cfg.rollout.max_response_len)
         # set by the caller (SIGTERM / SIGINT handlers): stop at the next safe point, with a checkpoint
         self.stop_requested: Callable[[], bool] = lambda: False
+
+    @property
+    def is_main(self) -> bool:
+        """Under the deepspeed launcher every rank runs this loop; one process writes logs and files."""
+        return self.roles.is_main
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict:
@@ -162,7 +165,8 @@ class RLTrainer:
             reward = self.cfg.reward
             model_scores, model_metrics = scoring.clean_model_scores(pending.get().double(),
                                                                      reward.nonfinite_model_score, reward.failure_value)
-            metrics.update(model_metrics, **{"reward/model_mean": model_scores.mean().item()})
+            metrics.update(model_metrics)
+            metrics["reward/model_mean"] = model_scores.mean().item()
             total = total + reward.model_weight * model_scores
         metrics.update(scoring.response_metrics(exp, finished, total, rule_scores))
         return exp.replace(rewards=total), metrics
