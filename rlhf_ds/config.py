@@ -131,6 +131,8 @@ class RolloutConfig:
     max_prompt_len: int = option(32, "prompt tokens kept (longer prompts are refused by the data "
                                      "loader)", ge=1)
     max_response_len: int = option(16, "generated tokens per response at most", ge=1)
+    ignore_eos: bool = option(False, "every response runs to max_response_len, eos or not (a fixed amount "
+                                     "of work for benchmarks; responses then rarely end in eos)")
     num_engines: int = option(1, "rollout engines (independent of actor.num_ranks)", ge=1)
     eval_temperature: float = option(0.0, "temperature of held-out evaluation (0 = greedy)", ge=0)
     weight_sync_bucket_mb: int = option(64, "size of the parameter buckets sent actor -> rollout", ge=1)

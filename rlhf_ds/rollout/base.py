@@ -26,6 +26,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     max_new_tokens: int = 16
+    ignore_eos: bool = False        # keep generating past eos to max_new_tokens (fixed work for benchmarks)
 
 
 @dataclass

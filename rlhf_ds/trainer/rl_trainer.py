@@ -72,7 +72,7 @@ class RLTrainer:
         self.step = 0
         self.show_progress = show_progress
         self.sampling = SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p, cfg.rollout.top_k,
-                                       cfg.rollout.max_response_len)
+                                       cfg.rollout.max_response_len, cfg.rollout.ignore_eos)
         # set by the caller (SIGTERM / SIGINT handlers): stop at the next safe point, with a checkpoint
         self.stop_requested: Callable[[], bool] = lambda: False
 
