@@ -121,11 +121,24 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
     return roles
 
 
+def check_spmd_ranks(ranks: dict[str, int], world_size: int) -> None:
+    """Under the deepspeed launcher every process is one rank of every role: each role in use must have
+    ``world_size`` ranks. ranks: ``role_ranks(cfg)`` (the rollout engines follow the processes)."""
+    wrong = {role: n for role, n in ranks.items() if n and role != "rollout" and n != world_size}
+    if wrong:
+        listed = ", ".join(f"{role}.num_ranks={n}" for role, n in wrong.items())
+        raise ValueError(f"cluster.launcher='deepspeed': {listed}, but the launcher started {world_size} "
+                         f"process(es) (world size) and every process is one rank of every role; set "
+                         f"{', '.join(f'{role}.num_ranks={world_size}' for role in wrong)}, or launch "
+                         f"{max(wrong.values())} processes (deepspeed --num_gpus, or the hostfile's slots)")
+
+
 def _build_spmd(cfg: Config, ranks: dict[str, int]) -> Roles:
     from rlhf_ds.cluster.spmd_group import SpmdGroup
-    from rlhf_ds.engine.dist import any_rank, init_distributed
+    from rlhf_ds.engine.dist import any_rank, dp_size, init_distributed
 
     init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
+    check_spmd_ranks(ranks, dp_size())   # before any worker is built: every rank raises the same error
     roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0, any_process=any_rank)
     for name, n in ranks.items():
         if n == 0:

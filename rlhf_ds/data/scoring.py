@@ -59,16 +59,61 @@ def clean_model_scores(scores: torch.Tensor, policy: str,
     return cleaned, {"reward/model_nonfinite": float(num_nonfinite)}
 
 
-def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],
-             temperature: float, max_new_tokens: int, pad_id: int, max_prompt_len: int) -> dict[str, float]:
-    """Held-out exact match (answer and eos) of one sample per prompt, greedy by default."""
-    sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
-    samples = generate(eval_prompts, 1, sampling, 0)
-    exp = build_experience(eval_prompts, samples, pad_id, max_prompt_len, max_new_tokens)
+# Rule rewards are sums of weighted floats: a correct answer must not miss the threshold by round-off.
+_CORRECT_TOLERANCE = 1e-9
+
+
+def is_correct(scores: torch.Tensor, correct_score: float) -> torch.Tensor:
+    """[B] bool: each rule reward reaches ``correct_score`` (``reward.correct_score``), up to round-off."""
+    return scores >= correct_score - _CORRECT_TOLERANCE * max(1.0, abs(correct_score))
+
+
+def _exact_match_runner(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
+                        ) -> tuple[list[float], dict[str, float]]:
+    return exact_match(prompts, responses, answers, finished), {}
+
+
+def _sample_and_score(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], prompts: list[list[int]],
+                      n: int, sampling: SamplingParams, pad_id: int, max_prompt_len: int, runner: Any
+                      ) -> tuple[Experience, torch.Tensor, list[bool]]:
+    """``n`` samples of every prompt (seed 0: every evaluation draws alike), their rule rewards [B] and
+    whether each stopped on eos."""
+    samples = generate(prompts, n, sampling, 0)
+    exp = build_experience(prompts, samples, pad_id, max_prompt_len, sampling.max_new_tokens)
     texts, finished = decode(tokenizer, exp)
-    correct = exact_match([r.prompt for r in records], texts, [r.answer for r in records], finished)
-    return {"eval/accuracy": sum(correct) / max(len(correct), 1),
-            "eval/finished": sum(finished) / max(len(finished), 1)}
+    scores, _ = score_rules(runner, records, exp, texts, finished)
+    return exp, scores, finished
+
+
+def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],
+             temperature: float, max_new_tokens: int, pad_id: int, max_prompt_len: int, *,
+             runner: Optional[Any] = None, correct_score: float = 1.0, pass_k: int = 1,
+             pass_k_temperature: float = 1.0) -> dict[str, float]:
+    """Held-out accuracy of one sample per prompt (greedy at ``temperature`` 0), scored by the run's rules.
+
+    runner: the run's rule reward, called like :class:`~rlhf_ds.data.rewards.RewardRunner`
+      (prompts, responses, answers, finished) -> (scores, stats); None = ``exact_match``.
+    A response is correct when its reward is >= ``correct_score`` (:func:`is_correct`).
+    pass_k > 1: also ``pass_k`` samples per prompt at ``pass_k_temperature``; ``eval/pass@k`` is the
+    fraction of prompts with at least one correct sample among them (n = k in the Codex estimator).
+    Returns ``eval/accuracy``, ``eval/finished``, ``eval/reward_mean`` (of the one-sample responses) and
+    ``eval/pass@<k>`` when pass_k > 1.
+    """
+    runner = _exact_match_runner if runner is None else runner
+    sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
+    _, scores, finished = _sample_and_score(generate, tokenizer, records, eval_prompts, 1, sampling, pad_id,
+                                            max_prompt_len, runner)
+    out = {"eval/accuracy": is_correct(scores, correct_score).double().mean().item() if len(scores) else 0.0,
+           "eval/finished": sum(finished) / max(len(finished), 1),
+           "eval/reward_mean": scores.mean().item() if len(scores) else 0.0}
+    if pass_k > 1:
+        sampling = SamplingParams(temperature=pass_k_temperature, max_new_tokens=max_new_tokens)
+        exp, scores, _ = _sample_and_score(generate, tokenizer, records, eval_prompts, pass_k, sampling, pad_id,
+                                           max_prompt_len, runner)
+        hits = torch.zeros(len(eval_prompts), dtype=torch.float64)
+        hits.index_add_(0, exp.group_ids, is_correct(scores, correct_score).double())
+        out[f"eval/pass@{pass_k}"] = (hits > 0).double().mean().item()
+    return out
 
 
 def response_metrics(exp: Experience, finished: list[bool], rewards: torch.Tensor,

@@ -6,7 +6,9 @@ weights are ``model.*`` (the backbone, same names as inside the causal LM) and `
 So ``ValueModel.from_pretrained(dir)`` works for any backbone that ``AutoModel`` knows, and a causal-LM
 directory is turned into a value-model directory by copying its backbone (:func:`make_value_model_from_lm`),
 which is how the critic and the reward model start from the actor's weights. ``from_pretrained`` of a
-causal-LM directory works too (backbone loaded, ``lm_head`` ignored, head at zero).
+causal-LM directory works too (backbone loaded, ``lm_head`` ignored, head at zero), and so does that of
+an HF ``*ForSequenceClassification`` directory with one label (its ``score`` head becomes ours). A
+reward model must bring its head: ``models.files.check_reward_head`` refuses one that would start at zero.
 
 The head starts at zero: every value is 0 until the critic has trained, and the backbone keeps the
 LM's features instead of being perturbed by a random head.
@@ -22,6 +24,12 @@ from torch import nn
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
+
+from rlhf_ds.models.files import has_classification_head
+
+
+# HF *ForSequenceClassification keeps its scalar head in `score`: loaded as our value head.
+CLASSIFICATION_HEAD_MAPPING = {r"^score\.": "value_head."}
 
 
 class ValueModel(PreTrainedModel):
@@ -45,9 +53,15 @@ class ValueModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Load a value-model directory; the backbone config class is read from ``config.json``."""
+        """Load a value-model directory; the backbone config class is read from ``config.json``. An HF
+        ``*ForSequenceClassification`` directory with one label loads too: its trained head
+        ``score.weight`` becomes ``value_head.weight`` (that head has no bias: ours starts at zero)."""
         if "config" not in kwargs:
             kwargs["config"] = AutoConfig.from_pretrained(pretrained_model_name_or_path)
+        # Only for such a checkpoint: transformers reverses a key mapping on save, so the model saves
+        # under the names it was loaded from.
+        if has_classification_head(str(pretrained_model_name_or_path)):
+            kwargs.setdefault("key_mapping", CLASSIFICATION_HEAD_MAPPING)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     @torch.no_grad()

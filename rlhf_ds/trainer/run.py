@@ -36,21 +36,16 @@ def build_trainer(cfg: Config, show_progress: bool = True):
     """Start the roles of ``cfg`` and return (the RL trainer over them, its rule-reward runner or None).
     The caller owns both: ``runner.close()`` and ``trainer.roles.shutdown()`` when done. A failure while
     starting leaves nothing behind (reward workers, Ray actors, placement groups)."""
-    from transformers import AutoTokenizer
-
     from rlhf_ds.cluster.roles import build_roles
-    from rlhf_ds.data.rewards import RewardRunner
+    from rlhf_ds.data.rewards import runner_from_config
     from rlhf_ds.engine.build import total_optimizer_steps
-    from rlhf_ds.models.tiny import resolve_model_path
+    from rlhf_ds.models.tokenizer import load_tokenizer
     from rlhf_ds.trainer.rl_trainer import RLTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(cfg.actor.tokenizer_path or cfg.actor.model_path))
+    tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
+    check_role_models(cfg, len(tokenizer))
     train, held_out = load_run_records(cfg.data)
-    reward = cfg.reward
-    runner = (RewardRunner(list(reward.functions), list(reward.function_weights), reward.timeout_s,
-                           reward.failure_value, reward.num_workers, max_failure_fraction=reward.max_failure_fraction,
-                           import_timeout_s=reward.import_timeout_s, memory_limit_mb=reward.memory_limit_mb,
-                           cpu_time_limit_s=reward.cpu_time_limit_s) if reward.functions else None)
+    runner = runner_from_config(cfg.reward)
     roles = None
     try:
         roles = build_roles(cfg, total_optimizer_steps(cfg))
@@ -58,6 +53,28 @@ def build_trainer(cfg: Config, show_progress: bool = True):
     except BaseException:
         _close(runner, roles)
         raise
+
+
+def check_role_models(cfg: Config, tokenizer_size: int) -> None:
+    """Before any engine is built, refuse models that would load but run wrongly: a tokenizer with ids
+    past the actor's embedding, roles whose vocabulary differs from the actor's (they read its token ids),
+    a reward model without its trained head (``models.files``). Reads configs and checkpoint headers only."""
+    from rlhf_ds.cluster.roles import role_ranks
+    from rlhf_ds.models.files import ModelCheckError, check_reward_head, check_vocabularies, vocab_size
+    from rlhf_ds.models.tiny import resolve_model_path
+
+    models = {f"{role}.model_path": resolve_model_path(getattr(cfg, role).model_path)
+              for role, ranks in role_ranks(cfg).items() if ranks and role != "rollout"}   # the actor first
+    actor = models["actor.model_path"]
+    rows = vocab_size(actor)
+    if tokenizer_size > rows:
+        source = (f"actor.tokenizer_path={cfg.actor.tokenizer_path}" if cfg.actor.tokenizer_path
+                  else "the tokenizer saved with actor.model_path")
+        raise ModelCheckError(f"{source} has {tokenizer_size} tokens, more than the {rows} rows (vocab_size) of "
+                              f"the embedding of actor.model_path={actor}: use the model's own tokenizer")
+    check_vocabularies(models)
+    if "reward.model_path" in models:
+        check_reward_head(models["reward.model_path"], "reward.model_path")
 
 
 def _close(runner, roles) -> None:

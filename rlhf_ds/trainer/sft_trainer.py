@@ -1,9 +1,9 @@
 """Supervised warm start of the actor on the task's reference answers (cached).
 
 RL with a bare 0/1 reward only moves a model that already succeeds sometimes, so the default run first
-fine-tunes the tiny model on ``prompt -> answer<eos>`` until held-out greedy exact match reaches
-``trainer.sft.target_eval_accuracy`` (DESIGN.md: stop on validation accuracy, not on time — the data order
-moves the jump by ~20 s). A small single-process PyTorch loop: the warm start of a ~100 K-parameter model
+fine-tunes the tiny model on ``prompt -> answer<eos>`` until held-out greedy accuracy (scored by the
+run's rule rewards, as RL evaluation scores it) reaches ``trainer.sft.target_eval_accuracy`` (DESIGN.md:
+stop on validation accuracy, not on time — the data order moves the jump by ~20 s). A small single-process PyTorch loop: the warm start of a ~100 K-parameter model
 needs no ZeRO sharding.
 
 The result is an HF directory in the cache keyed by everything that determines it; a finished directory
@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from rlhf_ds.batch import Experience, pad_prompts, pad_responses
 from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.prompts import PromptRecord, encode_prompts, load_run_records
+from rlhf_ds.data.rewards import runner_from_config
 from rlhf_ds.fs import publish_directory
 from rlhf_ds.models.tiny import default_cache_dir, resolve_model_path
+from rlhf_ds.models.tokenizer import load_tokenizer
 from rlhf_ds.rollout.hf_engine import HFRolloutEngine
 
 MARKER = ".sft_complete"
@@ -38,6 +40,14 @@ def sft_dir(cfg: Config) -> Path:
            "data": [cfg.data.train_path, cfg.data.eval_path, cfg.data.num_train, cfg.data.num_eval,
                     cfg.data.task_seed, cfg.data.prompt_key, cfg.data.answer_key],
            "max_response_len": cfg.rollout.max_response_len, "version": 1}
+    # The tokenizer and the rewards that score the stop, keyed only when they differ from what every
+    # warm start used before they were keys (the model's tokenizer, exact_match), so those stay valid.
+    if cfg.actor.tokenizer_path:
+        key["tokenizer"] = cfg.actor.tokenizer_path
+    scored_by = [list(cfg.reward.functions) or ["exact_match"], list(cfg.reward.function_weights),
+                 cfg.reward.correct_score]   # no functions: exact_match scores evaluation
+    if scored_by != [["exact_match"], [], 1.0]:
+        key["eval"] = scored_by
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = cfg.actor.model_path.replace("tiny:", "").replace("/", "_").strip("_")[-40:]
     return default_cache_dir() / "sft" / f"{name}-{digest}"
@@ -72,10 +82,25 @@ def run_sft(cfg: Config, log=print) -> str:
     if (out / MARKER).exists():
         log(f"sft: reusing {out} ({(out / MARKER).read_text().strip()})")
         return str(out)
+    tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(cfg.actor.model_path), dtype=torch.float32)
+    runner = runner_from_config(cfg.reward)
+    try:
+        note = _train(cfg, model, tokenizer, runner, log)
+    finally:
+        if runner is not None:
+            runner.close()
+    # SFT runs once per cache key: an unfinished directory left by a killed run is replaced
+    publish_directory(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), MARKER,
+                      note + "\n")
+    log(f"sft: saved {out} ({note})")
+    return str(out)
+
+
+def _train(cfg: Config, model: torch.nn.Module, tokenizer, runner, log) -> str:
+    """The SFT loop, stopped at the target held-out accuracy (scored by ``runner``, the run's rule
+    rewards; None = exact_match); returns a one-line note of what it did."""
     sft = cfg.trainer.sft
-    base = resolve_model_path(cfg.actor.model_path)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     train, held_out = load_run_records(cfg.data)
     prompts, completions = encode_examples(tokenizer, train)
     eval_prompts = encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len)
@@ -95,17 +120,13 @@ def run_sft(cfg: Config, log=print) -> str:
         if step % sft.eval_interval == 0 or step == sft.steps:
             accuracy = scoring.evaluate(evaluator.generate, tokenizer, held_out, eval_prompts, 0.0,
                                         cfg.rollout.max_response_len, tokenizer.pad_token_id,
-                                        cfg.rollout.max_prompt_len)["eval/accuracy"]
+                                        cfg.rollout.max_prompt_len, runner=runner,
+                                        correct_score=cfg.reward.correct_score)["eval/accuracy"]
             log(f"sft: step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f} "
                 f"({time.time() - started:.0f} s)")
             if accuracy >= sft.target_eval_accuracy:
                 break
-    note = f"{step} steps, held-out accuracy {accuracy:.3f}, {time.time() - started:.1f} s"
-    # SFT runs once per cache key: an unfinished directory left by a killed run is replaced
-    publish_directory(out, lambda tmp: (model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)), MARKER,
-                      note + "\n")
-    log(f"sft: saved {out} ({note})")
-    return str(out)
+    return f"{step} steps, held-out accuracy {accuracy:.3f}, {time.time() - started:.1f} s"
 
 
 def wait_for_sft(cfg: Config, timeout_s: float = 3600.0) -> str:

@@ -1,11 +1,16 @@
-"""clean_model_scores: what a NaN / inf reward-model score does under reward.nonfinite_model_score."""
+"""Driver-side scoring: what a NaN / inf reward-model score does (reward.nonfinite_model_score), and
+held-out evaluation scored by the run's own rule rewards (accuracy, pass@k)."""
 import math
 
 import pytest
 import torch
 
 from rlhf_ds.choices import NONFINITE_SCORE_POLICIES
-from rlhf_ds.data.scoring import clean_model_scores
+from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.data.rewards import RewardRunner, final_number_match, runner_from_config
+from rlhf_ds.data.scoring import clean_model_scores, evaluate, is_correct
+from rlhf_ds.models.tiny import build_char_tokenizer
+from rlhf_ds.rollout.base import RolloutSample
 
 
 def test_finite_scores_pass_through_under_every_policy():
@@ -45,3 +50,108 @@ def test_empty_step_and_unknown_policy():
         clean_model_scores(torch.ones(2), "skip", failure_value=0.0)
     assert "reward.nonfinite_model_score" in str(err.value)
     assert all(repr(policy) in str(err.value) for policy in NONFINITE_SCORE_POLICIES)
+
+
+# ----------------------------------------------------------------------------- held-out evaluation
+
+TOKENIZER = build_char_tokenizer("0123456789 #")
+RECORDS = [PromptRecord("1", "#### 12"), PromptRecord("2", "#### 7"), PromptRecord("3", "#### 3")]
+# one sample each: a worked answer, a bare number, the right number cut at the length limit (no eos)
+GREEDY = ["1 #### 12", "7", "3"]
+GREEDY_EOS = [True, True, False]
+
+
+def ids(text: str, eos: bool = True) -> list[int]:
+    return TOKENIZER(text, add_special_tokens=False)["input_ids"] + ([TOKENIZER.eos_token_id] if eos else [])
+
+
+class FakeEngine:
+    """Greedy (n = 1): GREEDY. n = k: prompt 0 right only in its last sample, prompt 1 never, prompt 2
+    always. Records every request's (n, temperature)."""
+
+    def __init__(self):
+        self.requests = []
+
+    def generate(self, prompts, n, sampling, seed):
+        self.requests.append((n, sampling.temperature))
+        if n == 1:
+            return [RolloutSample(i, ids(GREEDY[i], GREEDY_EOS[i]), [0.0]) for i in range(len(prompts))]
+        right = {0: lambda j: j == n - 1, 1: lambda j: False, 2: lambda j: True}
+        return [RolloutSample(i, ids(RECORDS[i].answer if right[i](j) else "5"), [0.0])
+                for i in range(len(prompts)) for j in range(n)]
+
+
+def run_eval(engine, **kwargs):
+    prompts = [TOKENIZER(r.prompt)["input_ids"] for r in RECORDS]
+    return evaluate(engine.generate, TOKENIZER, RECORDS, prompts, 0.0, 16, TOKENIZER.pad_token_id, 8, **kwargs)
+
+
+def final_number_runner(prompts, responses, answers, finished):
+    return final_number_match(prompts, responses, answers, finished), {}
+
+
+def test_evaluation_scores_with_the_runs_reward_not_exact_match():
+    # exact_match (no runner: the old behaviour) pays none of GREEDY; final_number pays the two that stop
+    assert run_eval(FakeEngine())["eval/accuracy"] == 0.0
+    out = run_eval(FakeEngine(), runner=final_number_runner)
+    assert out["eval/accuracy"] == pytest.approx(2 / 3)
+    assert out["eval/finished"] == pytest.approx(2 / 3) and out["eval/reward_mean"] == pytest.approx(2 / 3)
+    assert not any(key.startswith("eval/pass@") for key in out)
+
+
+def test_evaluation_with_a_real_reward_runner():
+    with RewardRunner(["final_number"], num_workers=1) as runner:
+        assert run_eval(FakeEngine(), runner=runner)["eval/accuracy"] == pytest.approx(2 / 3)
+
+
+def test_correct_means_reaching_correct_score_up_to_round_off():
+    scores = torch.tensor([1.0 - 1e-12, 0.999, 1.5, 0.0, 0.1 + 0.2 + 0.7], dtype=torch.float64)
+    assert is_correct(scores, 1.0).tolist() == [True, False, True, False, True]
+    assert is_correct(torch.tensor([2.0, 1.0]), 2.0).tolist() == [True, False]
+    # the threshold reaches evaluate: with weights 0.5 a right answer scores 0.5
+    half = lambda *args: ([0.5 * s for s in final_number_runner(*args)[0]], {})  # noqa: E731
+    assert run_eval(FakeEngine(), runner=half)["eval/accuracy"] == 0.0
+    assert run_eval(FakeEngine(), runner=half, correct_score=0.5)["eval/accuracy"] == pytest.approx(2 / 3)
+
+
+def test_pass_at_k_is_the_fraction_of_prompts_with_a_correct_sample_among_k():
+    engine = FakeEngine()
+    out = run_eval(engine, runner=final_number_runner, pass_k=4, pass_k_temperature=0.7)
+    assert out["eval/pass@4"] == pytest.approx(2 / 3)           # prompt 0 (last sample) and prompt 2
+    assert out["eval/accuracy"] == pytest.approx(2 / 3)         # still the one greedy sample per prompt
+    assert engine.requests == [(1, 0.0), (4, 0.7)]
+    assert "eval/pass@2" in run_eval(FakeEngine(), runner=final_number_runner, pass_k=2)
+
+
+def test_runner_from_config():
+    from rlhf_ds.config import load_config
+
+    assert runner_from_config(load_config(None, ["reward.functions=[]", "reward.use_model=true",
+                                                 "reward.model_path=x"]).reward) is None
+    reward = load_config(None, ["reward.functions=[exact_match, format]", "reward.function_weights=[1, 0.1]",
+                                "reward.timeout_s=3", "reward.max_failure_fraction=0.25"]).reward
+    runner = runner_from_config(reward)
+    assert runner.names == ["exact_match", "format"] and runner.weights == [1.0, 0.1]
+    assert runner.timeout_s == 3.0 and runner.max_failure_fraction == 0.25
+    runner.close()
+
+
+def test_sft_cache_key_follows_what_scores_its_stop():
+    import dataclasses
+    import hashlib
+    import json
+
+    from rlhf_ds.config import load_config
+    from rlhf_ds.trainer.sft_trainer import sft_dir
+
+    cfg = load_config(None)
+    # the key of every warm start cached before the stop was scored by the run's rewards: still valid
+    old_key = {"model": cfg.actor.model_path, "sft": dataclasses.asdict(cfg.trainer.sft), "seed": cfg.seed,
+               "data": [cfg.data.train_path, cfg.data.eval_path, cfg.data.num_train, cfg.data.num_eval,
+                        cfg.data.task_seed, cfg.data.prompt_key, cfg.data.answer_key],
+               "max_response_len": cfg.rollout.max_response_len, "version": 1}
+    assert sft_dir(cfg).name.endswith(hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:12])
+    changed = [["reward.functions=[final_number]"], ["reward.function_weights=[0.5]", "reward.correct_score=0.5"],
+               ["actor.tokenizer_path=/some/tokenizer"]]
+    dirs = {sft_dir(load_config(None, overrides)) for overrides in changed}
+    assert len(dirs) == 3 and sft_dir(cfg) not in dirs
