@@ -83,6 +83,10 @@ class RewardConfig(RoleConfig):
     nonfinite_model_score: NonfiniteScorePolicy = option(
         "failure_value", "a NaN / inf reward-model score: stop the run, or score the sample failure_value "
                          "(a step where every score is non-finite stops the run either way)")
+    correct_score: float = option(1.0, "a held-out response counts as correct (eval/accuracy, eval/pass@k, "
+                                       "the SFT stop) when its rule reward, the functions combined by "
+                                       "function_weights, is >= this; the built-in functions pay 1.0 for a "
+                                       "correct answer. Without functions, exact_match scores evaluation")
 
 
 # ----------------------------------------------------------------------------- data and rollout
@@ -196,7 +200,8 @@ class SftConfig:
     steps: int = option(0, "maximum SFT optimizer steps; 0 = no warm start", ge=0)
     lr: float = option(3e-3, "SFT learning rate", gt=0)
     batch_size: int = option(128, "sequences per SFT step", ge=1)
-    target_eval_accuracy: float = option(0.5, "stop once held-out exact match reaches this", ge=0, le=1)
+    target_eval_accuracy: float = option(0.5, "stop once held-out accuracy (the run's rewards reaching "
+                                                   "reward.correct_score) reaches this", ge=0, le=1)
     eval_interval: int = option(25, "SFT steps between held-out evaluations", ge=1)
 
 
@@ -214,6 +219,10 @@ class TrainerConfig:
                                                        "on resume although they change the run")
     keep_checkpoints: int = option(3, "complete checkpoints kept (the newest); 0 = keep all", ge=0)
     max_skipped_steps: int = option(3, "abort after this many consecutive non-finite steps", ge=1)
+    eval_pass_k: int = option(1, "k > 1: evaluation also draws k samples per held-out prompt at "
+                                 "rollout.temperature and reports eval/pass@k, the fraction of prompts with "
+                                 "a correct sample among them; eval/accuracy stays one sample at "
+                                 "rollout.eval_temperature", ge=1)
     skip_plan: bool = option(False, "start even when `rlhf-ds plan` finds that the run does not fit "
                                     "this machine's memory")
     sft: SftConfig = section(SftConfig, "supervised warm start")
@@ -396,6 +405,24 @@ def _reward_rules(cfg: Config):
     if reward.function_weights and len(reward.function_weights) != len(reward.functions):
         yield (f"reward.function_weights has {len(reward.function_weights)} entries but "
                f"reward.functions has {len(reward.functions)} ({', '.join(reward.functions)})")
+    else:
+        yield from _correct_score_rules(reward)
+
+
+def _correct_score_rules(reward):
+    """Held-out accuracy counts rewards >= reward.correct_score: refuse a threshold the built-in
+    functions (each pays 0 or 1) can never reach, which would report 0 accuracy however the run goes."""
+    from rlhf_ds.data.rewards import REWARD_FUNCTIONS   # standard library only
+
+    functions = reward.functions or ("exact_match",)   # evaluation's stand-in without functions
+    if not all(f in REWARD_FUNCTIONS for f in functions):
+        return   # a user function's range is unknown
+    weights = reward.function_weights if reward.functions and reward.function_weights else (1.0,) * len(functions)
+    best = sum(max(w, 0.0) for w in weights)
+    if reward.correct_score > best + 1e-9 * max(1.0, best):
+        yield (f"reward.correct_score={reward.correct_score} can never be reached: reward.functions "
+               f"{list(functions)} (each pays 0 or 1) with weights {list(weights)} pay at most {best:g}, so "
+               f"eval/accuracy would stay 0; set reward.correct_score <= {best:g}")
 
 
 def _runtime_rules(cfg: Config):
@@ -408,9 +435,11 @@ def _runtime_rules(cfg: Config):
         betas = getattr(cfg, name).adam_betas
         if not all(0 <= beta < 1 for beta in betas):
             yield f"{name}.adam_betas must each be in [0, 1), got {list(betas)}"
-    if cfg.rollout.backend == "vllm":
-        yield ("rollout.backend='vllm': the vLLM rollout engine is not in this release yet; valid now: "
-               "'hf' (the rollout.vllm settings wait for it)")
+    if cfg.rollout.backend == "vllm" and (cfg.rollout.top_p < 1 or cfg.rollout.top_k != -1):
+        # vLLM reports log-probs of the truncated distribution; the actor recomputes the untruncated one
+        yield (f"rollout.backend='vllm' needs rollout.top_p=1 and rollout.top_k=-1 (got {cfg.rollout.top_p}, "
+               f"{cfg.rollout.top_k}): vLLM's log-probs after top-p / top-k are those of the truncated "
+               f"distribution, which the actor's recomputed log-probs are not")
     if cfg.rollout.top_k != -1 and cfg.rollout.top_k < 1:
         yield f"rollout.top_k must be -1 (off) or >= 1, got {cfg.rollout.top_k}"
     bad_sizes = [s for s in cfg.rollout.vllm.cudagraph_capture_sizes if s < 1]

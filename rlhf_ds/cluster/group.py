@@ -44,10 +44,10 @@ class Group(Protocol):
                        **kwargs) -> Pending:
         ...
 
-    def sync_weights(self, rollout: "Group", bucket_mb: float) -> int:
+    def sync_weights(self, rollout: "Group", bucket_mb: float, version: str) -> int:
         """Actor groups: gather this role's full parameters bucket by bucket (every rank takes part in
-        the gathers) and load them into every engine of the ``rollout`` group. Returns the number of
-        tensors sent."""
+        the gathers) and load them into every engine of the ``rollout`` group as weight ``version``, by
+        the protocol of ``rollout.weights`` (checked first, live at once). Returns the tensors sent."""
 
     def shutdown(self) -> None:
         ...

@@ -116,6 +116,61 @@ def _push_through_object_store(actor_worker: Any, rank: int, engine_handles: lis
     return count if rank == 0 else 0
 
 
+class _EngineClient:
+    """vLLM's weight-sync client protocol over the rollout group's engines (the control plane of the
+    NCCL / IPC transfers in ``rollout.vllm_transfer``): each call fans out to every engine and waits."""
+
+    def __init__(self, handles: list, tensor_parallel_size: int):
+        self.handles, self.tensor_parallel_size = handles, tensor_parallel_size
+
+    def _all(self, method: str, per_engine_args: list[tuple]) -> None:
+        ray.get([h.call.remote(method, args, {}) for h, args in zip(self.handles, per_engine_args)])
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        from rlhf_ds.rollout.vllm_transfer import engine_init_info
+
+        self._all("transfer_init", [(engine_init_info(init_info, i, self.tensor_parallel_size),)
+                                    for i in range(len(self.handles))])
+
+    def start_weight_update(self) -> None:
+        self._all("transfer_start", [()] * len(self.handles))
+
+    def update_weights(self, update_info: dict) -> None:
+        self._all("transfer_update", [(update_info,)] * len(self.handles))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all("transfer_finish", [()] * len(self.handles))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        pass
+
+
+# Per actor process: vLLM's trainer-side transfer engine, opened at the first sync (the NCCL rendezvous
+# happens once) and kept for the run.
+_OPEN_TRANSFERS: dict[str, Any] = {}
+
+
+def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: list, backend: str,
+                                tensor_parallel_size: int, bucket_bytes: int) -> int:
+    """Runs in each actor rank's process: vLLM's NCCL / IPC trainer engine sends the gathered buckets
+    straight to the engines' GPUs (rank 0 sends; every rank takes part in the gathers)."""
+    from rlhf_ds.rollout.vllm_transfer import nccl_world_size, open_transfer
+
+    key = backend + ":" + ",".join(h._actor_id.hex() for h in engine_handles)
+    if key not in _OPEN_TRANSFERS:
+        rendezvous = {}
+        if backend == "nccl" and rank == 0:
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                port = sock.getsockname()[1]
+            rendezvous = {"master_address": ray.util.get_node_ip_address(), "master_port": port,
+                          "world_size": nccl_world_size(len(engine_handles), tensor_parallel_size)}
+        _OPEN_TRANSFERS[key] = open_transfer(backend, _EngineClient(engine_handles, tensor_parallel_size),
+                                             actor_worker, rank, bucket_bytes, **rendezvous)
+    _OPEN_TRANSFERS[key].send_weights()
+    return len(actor_worker.weight_manifest()) if rank == 0 else 0
+
+
 class Pending:
     """Futures of one fan-out call; ``get()`` returns the per-rank results (or their concatenation)."""
 
@@ -178,9 +233,20 @@ class RoleGroup:
         """``fn(worker, rank, *args, **kwargs)`` on every rank, in the rank's own process."""
         return self._wait([h.apply.remote(fn, args, kwargs) for h in self.handles])
 
-    def sync_weights(self, rollout: "RoleGroup", bucket_mb: float) -> int:
-        """Every actor rank gathers each bucket; rank 0 sends it to every engine through the object store."""
-        counts = self.apply_all(_push_through_object_store, rollout.handles, int(bucket_mb * 2 ** 20))
+    def sync_weights(self, rollout: "RoleGroup", bucket_mb: float, version: str) -> int:
+        """The update protocol of ``rollout.weights``: the engines check the actor's manifest, every actor
+        rank gathers each bucket and rank 0 sends it (Ray's object store, or vLLM's NCCL / IPC transfer
+        on GPUs), then the engines put the new weights live at once."""
+        bucket_bytes = int(bucket_mb * 2 ** 20)
+        rollout.run_all("start_weight_update", self.run_all("weight_manifest")[0], version)
+        direct = rollout.run_all("direct_transfer")[0]
+        if direct is None:
+            counts = self.apply_all(_push_through_object_store, rollout.handles, bucket_bytes)
+        else:
+            backend, tensor_parallel_size = direct
+            counts = self.apply_all(_push_through_vllm_transfer, rollout.handles, backend, tensor_parallel_size,
+                                    bucket_bytes)
+        rollout.run_all("finish_weight_update")
         return counts[0]
 
     # -- failure handling ----------------------------------------------------------------------------

@@ -63,12 +63,16 @@ class SpmdGroup:
                        **kwargs) -> _Done:
         return _Done(self.dispatch(method, batch, *args, even=even, concat=concat, **kwargs))
 
-    def sync_weights(self, rollout: "SpmdGroup", bucket_mb: float) -> int:
-        """Every rank gathers each bucket (collective) and loads it into its own engine."""
+    def sync_weights(self, rollout: "SpmdGroup", bucket_mb: float, version: str) -> int:
+        """Every rank gathers each bucket (collective) and loads it into its own engine (the protocol of
+        ``rollout.weights``: manifest checked first, the new weights live at the end)."""
+        engine = rollout._worker
+        engine.start_weight_update(self._worker.weight_manifest(), version)
         count = 0
         for bucket in self._worker.weight_buckets(int(bucket_mb * 2 ** 20)):
-            rollout._worker.update_weights(bucket)
+            engine.update_weights(bucket)
             count += len(bucket)
+        engine.finish_weight_update()
         return count
 
     def shutdown(self) -> None:

@@ -29,6 +29,13 @@ def size_bounded_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: in
         yield bucket
 
 
+def full_shapes(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, full shape)`` of every parameter, in the order ``iter_full_param_buckets`` yields them
+    (a ZeRO-3 parameter reports its gathered shape; nothing is gathered)."""
+    return [(name, tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
+            for name, p in module.named_parameters()]
+
+
 def _full_numel(param: torch.nn.Parameter) -> int:
     return int(param.ds_numel) if hasattr(param, "ds_numel") else param.numel()
 
@@ -44,12 +51,14 @@ def _per_module(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Pa
 
 
 def iter_full_param_buckets(module: torch.nn.Module, *, bucket_bytes: Optional[int] = None,
-                            to_cpu: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+                            to_cpu: bool = True, dtype: Optional[torch.dtype] = None
+                            ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield lists of ``(name, full tensor)`` covering every parameter of ``module`` once (tied
     parameters once), each list gathered in one ``GatheredParameters`` and copied out before the next.
 
     bucket_bytes: None -> one list per module; else consecutive parameters in lists of at most this many
     bytes (a parameter larger than the bucket goes alone). Weight sync sends each list as one bucket.
+    dtype: cast the copies (weight sync sends the rollout engine's dtype); None keeps the parameters'.
     """
     import deepspeed
 
@@ -60,7 +69,8 @@ def iter_full_param_buckets(module: torch.nn.Module, *, bucket_bytes: Optional[i
     for group in groups:
         params = [p for _, p in group]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            copies = [(name, p.data.detach().to("cpu", copy=True) if to_cpu else p.data.detach().clone())
+            device = "cpu" if to_cpu else p.data.device
+            copies = [(name, p.data.detach().to(device=device, dtype=dtype or p.dtype, copy=True))
                       for name, p in group]
         yield copies   # outside the gather: the consumer's work never holds the gathered parameters
 

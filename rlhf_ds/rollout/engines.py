@@ -17,10 +17,29 @@ def rollout_dtype(cfg: Config) -> str:
     return resolve_precision(cfg.precision, has_gpu())
 
 
+def rollout_torch_dtype(cfg: Config):
+    """``rollout_dtype`` as a torch dtype (what the actor casts weights to before a sync)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[rollout_dtype(cfg)]
+
+
 def rollout_engine_spec(cfg: Config) -> tuple[type[RolloutEngine], tuple]:
     """(engine class, constructor arguments) for ``cfg.rollout.backend``."""
-    if cfg.rollout.backend != "hf":
-        raise ValueError(f"rollout.backend={cfg.rollout.backend!r} has no engine in this release; valid: 'hf'")
-    from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+    if cfg.rollout.backend == "vllm":
+        return _vllm_spec(cfg)
+    from rlhf_ds.rollout.hf_engine import MAX_BATCH_SEQUENCES, HFRolloutEngine
 
-    return HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg))
+    return HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg), MAX_BATCH_SEQUENCES, cfg.actor.tokenizer_path)
+
+
+def _vllm_spec(cfg: Config) -> tuple[type[RolloutEngine], tuple]:
+    from rlhf_ds.engine.dist import has_gpu
+    from rlhf_ds.rollout.vllm_engine import VLLMRolloutEngine
+
+    spmd = cfg.cluster.launcher == "deepspeed"
+    if spmd and not has_gpu():
+        raise ValueError("rollout.backend='vllm' with cluster.launcher='deepspeed' runs one vLLM engine per rank "
+                         "with vLLM's external_launcher executor, which needs a GPU; on this CPU host use "
+                         "cluster.launcher=ray (engines as Ray actors) or rollout.backend=hf")
+    return VLLMRolloutEngine, (cfg, spmd)

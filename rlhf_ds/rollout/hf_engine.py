@@ -4,18 +4,23 @@ On tiny models it is also the faster engine on CPU (DESIGN.md: ~19k vs ~6k token
 Sampling is seeded per request: ``generate(..., seed)`` forks the RNG, seeds it with ``seed`` and this
 engine's rank, and restores it, so the same seed on the same engine gives the same samples whatever
 happened before (a resumed run regenerates exactly what the uninterrupted one would have).
+
+Log-probs are taken as each token is sampled (:class:`SampledTokenLogprobs`), not from
+``output_logits=True``, which keeps every step's [B, V] logits: 160 GB for 512 x 1024 tokens of a
+151,936-token vocabulary.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 
 from rlhf_ds.batch import pad_prompts
 from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
+from rlhf_ds.rollout.weights import UpdateSession, manifest_of
 
 # Sequences generated in one call of ``model.generate`` (a request with more is cut into chunks).
 MAX_BATCH_SEQUENCES = 1024
@@ -23,15 +28,54 @@ MAX_BATCH_SEQUENCES = 1024
 _ENGINE_SEED_STRIDE = 1_000_003
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last dim, untruncated by top-p / top-k ([..., V] -> [..., V]).
+
+    Temperature 0 (greedy) reports the untempered distribution.
+    """
+    scale = temperature if temperature > 0 else 1.0
+    return torch.log_softmax(logits.float() / scale, dim=-1)
+
+
 def response_logprobs(step_logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
     """Log-probs of the generated tokens under the sampling distribution.
 
     step_logits: [B, T, V] raw logits of each generation step; tokens: [B, T] -> [B, T].
-    Temperature 0 (greedy) reports the untempered distribution.
     """
-    scale = temperature if temperature > 0 else 1.0
-    logp = torch.log_softmax(step_logits.float() / scale, dim=-1)
+    logp = sampling_logprobs(step_logits, temperature)
     return logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+class SampledTokenLogprobs(LogitsProcessor):
+    """Collects the log-prob of each sampled token while ``generate`` runs, keeping one step's [B, V].
+
+    A processor sees a step's logits before its token is drawn, so the gather happens one call late: the
+    next call's ``input_ids`` end with the token drawn from the kept step, and :meth:`logprobs_BT` gathers
+    the last token. ``generate`` (transformers 5.19, ``_get_logits_processor``) runs custom processors
+    after the penalties ``generation_config`` may switch on (none for our models) and before temperature /
+    top-k / top-p, so ``scores`` are the raw logits and the log-probs those of the untruncated distribution.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.step_logp_BV: torch.Tensor | None = None   # the step whose token is not drawn yet
+        self.token_logprobs: list[torch.Tensor] = []    # one [B] per generated token, in order
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.step_logp_BV is not None:
+            self._gather(input_ids[:, -1])
+        self.step_logp_BV = sampling_logprobs(scores, self.temperature)
+        return scores
+
+    def _gather(self, tokens_B: torch.Tensor) -> None:
+        self.token_logprobs.append(self.step_logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1))
+
+    def logprobs_BT(self, tokens_BT: torch.Tensor) -> torch.Tensor:
+        """Log-probs of ``tokens_BT``, the response tokens ``generate`` returned ([B, T] -> [B, T])."""
+        steps = tokens_BT.shape[1]
+        if len(self.token_logprobs) < steps:   # the last token has no later call (unless generate ran
+            self._gather(tokens_BT[:, -1])      # one step past the end and undid it, as it may on mps)
+        return torch.stack(self.token_logprobs[:steps], dim=1)
 
 
 def trim_at_eos(tokens: list[int], eos_id: int) -> list[int]:
@@ -42,16 +86,18 @@ def trim_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 class HFRolloutEngine:
     """A causal LM and its tokenizer, generating with ``model.generate``."""
 
-    def __init__(self, model_path: str, dtype: str = "fp32", max_batch_sequences: int = MAX_BATCH_SEQUENCES):
+    def __init__(self, model_path: str, dtype: str = "fp32", max_batch_sequences: int = MAX_BATCH_SEQUENCES,
+                 tokenizer_path: str = ""):
         from transformers.utils import logging as hf_logging
 
         from rlhf_ds.models.tiny import resolve_model_path
+        from rlhf_ds.models.tokenizer import load_tokenizer
 
         hf_logging.disable_progress_bar()
         path = resolve_model_path(model_path)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(get_device())
-        self._setup(model, AutoTokenizer.from_pretrained(path), max_batch_sequences)
+        self._setup(model, load_tokenizer(path, tokenizer_path), max_batch_sequences)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer, max_batch_sequences: int = MAX_BATCH_SEQUENCES
@@ -67,6 +113,9 @@ class HFRolloutEngine:
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.max_batch_sequences = max_batch_sequences
         self.rank = process_rank()
+        self.version = "default"
+        self.session: Optional[UpdateSession] = None
+        self.staged: list[tuple[str, torch.Tensor]] = []
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
@@ -83,33 +132,73 @@ class HFRolloutEngine:
 
     def _generate_chunk(self, prompts: Sequence[Sequence[int]], offset: int, n: int,
                         sampling: SamplingParams) -> list[RolloutSample]:
-        ids, mask = pad_prompts(prompts, self.pad_id)
         greedy = sampling.temperature == 0
+        copies = 1 if greedy else n   # HF samples n per prompt itself; greedy rows are repeated here
+        ids, mask = pad_prompts([p for p in prompts for _ in range(n // copies)], self.pad_id)
         knobs = {} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p,
                                    "top_k": sampling.top_k if sampling.top_k > 0 else 0}
-        out = self.model.generate(
+        # No eos id means no EosTokenCriteria to stop on, while eos keeps its probability (min_new_tokens
+        # would mask it and change the distribution the log-probs describe).
+        stop_ids = [] if sampling.ignore_eos else self.eos_id
+        recorder = SampledTokenLogprobs(sampling.temperature)
+        sequences = self.model.generate(
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=not greedy,
-            num_return_sequences=n, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
-            eos_token_id=self.eos_id, output_logits=True, return_dict_in_generate=True, **knobs)
-        tokens = out.sequences[:, ids.shape[1]:]                                   # [chunk*n, T]
-        logprobs = response_logprobs(torch.stack(out.logits, dim=1), tokens, sampling.temperature)
+            num_return_sequences=copies, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
+            eos_token_id=stop_ids, logits_processor=LogitsProcessorList([recorder]), **knobs)
+        tokens = sequences[:, ids.shape[1]:]                                       # [chunk*n, T]
+        logprobs = recorder.logprobs_BT(tokens).cpu()
         samples = []
-        for row in range(tokens.shape[0]):   # rows are prompt-major: HF repeats each prompt n times
-            response = trim_at_eos(tokens[row].tolist(), self.eos_id)
+        for row in range(tokens.shape[0]):   # rows are prompt-major: each prompt's n rows are adjacent
+            response = tokens[row].tolist()
+            if not sampling.ignore_eos:
+                response = trim_at_eos(response, self.eos_id)
             samples.append(RolloutSample(offset + row // n, response, logprobs[row, :len(response)].tolist()))
         return samples
 
+    # ---------------------------------------------------------------- the update protocol (rollout.weights)
+    def direct_transfer(self) -> None:
+        """Buckets always arrive through ``update_weights`` (no NCCL / IPC path of its own)."""
+        return None
+
+    def weight_version(self) -> str:
+        return self.version
+
+    def start_weight_update(self, manifest: list, version: str) -> None:
+        self.session = None
+        self.staged = []
+        self.session = UpdateSession(manifest_of(self.model.named_parameters()), manifest, version,
+                                     f"HF engine {self.rank}")
+
+    def update_weights(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Check a bucket against the announced manifest and keep it until ``finish_weight_update``."""
+        bucket = list(bucket)
+        try:
+            self._session().accept(bucket)
+        except Exception:
+            self.session, self.staged = None, []
+            raise
+        self.staged += bucket
+        return len(bucket)
+
     @torch.no_grad()
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def finish_weight_update(self) -> str:
+        """Put every staged tensor in place (the checks ran on arrival: nothing here can half-load)."""
+        session = self._session()
+        try:
+            session.complete()
+        finally:
+            self.session = None
         params = dict(self.model.named_parameters())
-        loaded = 0
-        for name, tensor in named_tensors:
-            if name not in params:
-                raise KeyError(f"rollout engine has no parameter {name!r}; the actor's names must match "
-                               f"the HF model's (e.g. {next(iter(params))!r})")
-            params[name].copy_(tensor.to(device=self.device, dtype=params[name].dtype))
-            loaded += 1
-        return loaded
+        for name, tensor in self.staged:
+            params[name].copy_(tensor.to(self.device))
+        self.staged, self.version = [], session.version
+        return self.version
+
+    def _session(self) -> UpdateSession:
+        if self.session is None:
+            raise RuntimeError(f"HF engine {self.rank}: no weight update in progress (start_weight_update first, "
+                               f"or the update was refused)")
+        return self.session
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

@@ -56,6 +56,14 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return ((x * mask).sum() / mask.sum().clamp(min=1)).item()
 
 
+def logprob_gap(exp: Experience) -> dict[str, float]:
+    """How far the engine's sampling log-probs are from the actor's recomputed ones, on the same weights
+    (kernels, precision, batch shapes): |old - rollout| over response tokens; what ``algo.tis`` corrects."""
+    gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
+    return {"rollout/logprob_diff_mean": _masked_mean(gap, exp.response_mask),
+            "rollout/logprob_diff_max": gap.max().item() if gap.numel() else 0.0}
+
+
 class RLTrainer:
     def __init__(self, cfg: Config, roles: Any, tokenizer: Any, train_records: list[PromptRecord],
                  eval_records: list[PromptRecord], reward_runner: Optional[Any] = None,
@@ -125,6 +133,7 @@ class RLTrainer:
             exp, metrics = self.rewards(exp, records)
         with timer("logprobs"):
             exp = self.forward_passes(exp)
+        metrics.update(logprob_gap(exp))
         with timer("advantages"):
             exp, adv_metrics = self.advantages(exp)
         with timer("train"):
@@ -224,14 +233,17 @@ class RLTrainer:
         return reduce_metrics_across_minibatches(per_minibatch)
 
     def sync_weights(self) -> None:
-        self.roles.actor.sync_weights(self.roles.rollout, self.cfg.rollout.weight_sync_bucket_mb)
+        """The engines serve the actor's weights after ``self.step`` (the weight version ``step-N``)."""
+        self.roles.actor.sync_weights(self.roles.rollout, self.cfg.rollout.weight_sync_bucket_mb, f"step-{self.step}")
 
     def evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
         rollout = self.cfg.rollout
         out = scoring.evaluate(lambda *request: generate(self.roles.rollout, *request), self.tokenizer,
                                self.eval_records, self.eval_prompts, rollout.eval_temperature,
-                               rollout.max_response_len, self.tokenizer.pad_token_id, rollout.max_prompt_len)
+                               rollout.max_response_len, self.tokenizer.pad_token_id, rollout.max_prompt_len,
+                               runner=self.reward_runner, correct_score=self.cfg.reward.correct_score,
+                               pass_k=self.cfg.trainer.eval_pass_k, pass_k_temperature=rollout.temperature)
         out["timing/eval_s"] = time.perf_counter() - t0
         return out
 

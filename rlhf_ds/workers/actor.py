@@ -18,8 +18,9 @@ from rlhf_ds.algo import (POLICY_STAT_KINDS, Metric, MetricKind, entropy_from_lo
                           metrics_from_stats, policy_loss, truncated_is_weights, weighted_advantages)
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
-from rlhf_ds.engine.gather import iter_full_param_buckets
+from rlhf_ds.engine.gather import full_shapes, iter_full_param_buckets
 from rlhf_ds.engine.step import sum_gradient_step
+from rlhf_ds.rollout.weights import ParamSpec, dtype_name
 from rlhf_ds.workers.base import TrainableWorker
 from rlhf_ds.workers.common import logprobs_from_logits, policy_logprobs, require_fields, response_logits
 
@@ -89,7 +90,20 @@ class ActorWorker(TrainableWorker):
         return sum_gradient_step(self.engine, shard.chunk(self.micro_batch_size), loss_fn, skips=self.skips,
                                  role=self.role)
 
-    def weight_buckets(self, bucket_bytes: Optional[int] = None) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full parameters as lists of (HF name, CPU tensor) of at most ``bucket_bytes`` (None: one list
-        per module), gathered one list at a time. Collective: every rank walks it to the end."""
-        return iter_full_param_buckets(self.role_engine.module, bucket_bytes=bucket_bytes)
+    def weight_manifest(self) -> list[ParamSpec]:
+        """Name, dtype and full shape of every tensor ``weight_buckets`` yields, in order (no gather)."""
+        dtype = dtype_name(self._rollout_dtype())
+        return [ParamSpec(name, dtype, shape) for name, shape in full_shapes(self.role_engine.module)]
+
+    def weight_buckets(self, bucket_bytes: Optional[int] = None, on_device: bool = False
+                       ) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full parameters as lists of (HF name, tensor in the rollout engines' dtype) of at most
+        ``bucket_bytes`` (None: one list per module), gathered one list at a time; CPU copies unless
+        ``on_device`` (NCCL / IPC transfers send device tensors). Collective: every rank walks it to the end."""
+        return iter_full_param_buckets(self.role_engine.module, bucket_bytes=bucket_bytes, to_cpu=not on_device,
+                                       dtype=self._rollout_dtype())
+
+    def _rollout_dtype(self) -> torch.dtype:
+        from rlhf_ds.rollout.engines import rollout_torch_dtype
+
+        return rollout_torch_dtype(self.cfg)

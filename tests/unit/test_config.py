@@ -377,6 +377,35 @@ def test_reward_sources():
     load("reward.functions=[exact_match, format]", "reward.function_weights=[1, 0.1]")
 
 
+def test_correct_score_must_be_reachable_by_builtin_functions():
+    """Held-out accuracy counts rule rewards >= reward.correct_score: a threshold the built-in 0/1
+    functions cannot reach (with their weights) would report 0 accuracy forever."""
+    assert_rule(["reward.function_weights=[0.5]"],
+                "reward.correct_score=1.0 can never be reached: reward.functions ['exact_match'] (each pays 0 or 1) "
+                "with weights [0.5] pay at most 0.5")
+    assert_rule(["reward.functions=[exact_match, format]", "reward.correct_score=2.5"],
+                "set reward.correct_score <= 2")
+    load("reward.functions=[exact_match, format]", "reward.correct_score=2")  # both pay: reachable
+    load("reward.function_weights=[0.5]", "reward.correct_score=0.5")
+    # without functions evaluation scores with exact_match (pays at most 1)
+    assert_rule(["reward.functions=[]", "reward.use_model=true", "reward.model_path=x", "reward.correct_score=1.5"],
+                "reward.correct_score=1.5 can never be reached")
+
+
+def test_correct_score_is_not_checked_for_user_functions(tmp_path):
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text("def score(p, r, a, f):\n    return [10.0] * len(r)\n")
+    cfg = load(f"reward.functions=[{reward_file}:score]", "reward.correct_score=10")
+    assert cfg.reward.correct_score == 10.0
+
+
+def test_eval_pass_k_is_at_least_one():
+    assert load("trainer.eval_pass_k=8").trainer.eval_pass_k == 8
+    assert load().trainer.eval_pass_k == 1
+    with pytest.raises(ConfigError, match="trainer.eval_pass_k"):
+        load("trainer.eval_pass_k=0")
+
+
 def test_top_k_off_or_positive():
     load("rollout.top_k=-1")
     load("rollout.top_k=20")
@@ -415,8 +444,9 @@ def test_output_dir_must_not_be_empty(override, shown):
     assert load("trainer.output_dir=outputs/x").trainer.output_dir == "outputs/x"
 
 
-def test_vllm_backend_is_refused_before_anything_starts():
-    assert_rule(["rollout.backend=vllm"], "the vLLM rollout engine is not in this release yet")
+def test_vllm_backend_refuses_truncated_sampling():
+    assert_rule(["rollout.backend=vllm", "rollout.top_p=0.95"], "needs rollout.top_p=1 and rollout.top_k=-1")
+    assert load("rollout.backend=vllm").rollout.backend == "vllm"
 
 
 def test_inference_roles_ranks_divide_the_step_and_prompt_mean_keeps_groups_whole():
