@@ -47,9 +47,10 @@ train-grpo: install
 train-ppo: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds train ppo_tiny $(ARGS)
 
-## A fixed small GRPO workload; prints one JSON line (median step time, stage shares, tokens/s, FLOP/s).
+## Our GRPO step against a single-process floor on the same fixed work (tiny and small models, HF and
+## vLLM rollouts): step times, their ratio with its spread, stage shares, tokens/s, share of matmul peak.
 bench: install
-	$(RUN_ENV) $(VENV)/bin/rlhf-ds bench grpo_tiny trainer.output_dir=outputs/bench $(ARGS)
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds bench $(ARGS)
 
 ## Whether a run fits, per role and device, before launching it (no weights loaded), e.g.
 ## make plan ARGS="grpo_qwen2.5_1.5b_gsm8k actor.model_path=shape:qwen2.5-1.5b --gpu-memory-gib 80"

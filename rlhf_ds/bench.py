@@ -1,4 +1,14 @@
-"""The benchmark workload: a fixed number of RL steps of a config, timed stage by stage (``rlhf-ds bench``)."""
+"""``make bench``: our GRPO step against the floor (``bench_floor``), on the same work, in one invocation.
+
+Workload (the issue's): 8 prompts x 4 samples, 32 new tokens with ``ignore_eos`` (identical work on both
+sides), fp32, one optimizer step per rollout batch, no KL, on two Llama models built locally: *tiny*
+(~135 K parameters) and *small* (~6.3 M). For each model and rollout backend our trainer is started once,
+then ``rounds`` times: ``steps`` floor steps, then ``steps`` of ours; medians per round, the ratio of
+the round medians, and their spread across rounds. Machines here are shared and noisy: only ratios
+measured side by side mean much.
+
+``run_bench(cfg, steps)`` times one config alone (``rlhf-ds bench CONFIG``).
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +16,10 @@ import statistics
 import time
 from typing import Callable
 
-from rlhf_ds.config import Config
+from rlhf_ds.config import Config, load_config
+
+BENCH_MODELS = {"tiny": "tiny:llama-arith", "small": "tiny:llama-small"}
+BENCH_PROMPTS, BENCH_SAMPLES, BENCH_NEW_TOKENS = 8, 4, 32
 
 
 def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
@@ -25,6 +38,117 @@ def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
         return 2 * size ** 3 * count / (time.perf_counter() - t0)
     finally:
         torch.set_num_threads(threads)
+
+
+def bench_config(model: str, backend: str, output_dir: str, overrides: tuple[str, ...] = ()) -> Config:
+    """The fixed workload on ``model`` (a key of BENCH_MODELS) with ``backend``; extra overrides last."""
+    total = BENCH_PROMPTS * BENCH_SAMPLES
+    return load_config("grpo_tiny", [
+        f"actor.model_path={BENCH_MODELS[model]}", "trainer.sft.steps=0", "precision=fp32",
+        f"data.prompts_per_step={BENCH_PROMPTS}", f"rollout.n={BENCH_SAMPLES}",
+        f"rollout.max_response_len={BENCH_NEW_TOKENS}", "rollout.ignore_eos=true", f"rollout.backend={backend}",
+        f"algo.mini_batch_size={total}", f"actor.micro_batch_size={total}", "algo.kl_placement=none",
+        "trainer.eval_interval=0", "trainer.save_interval=0", f"trainer.output_dir={output_dir}", *overrides])
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _spread(values: list[float]) -> list[float]:
+    return [round(min(values), 4), round(max(values), 4)]
+
+
+def _our_steps(trainer, first_step: int, count: int) -> list[dict]:
+    rows = []
+    for step in range(first_step, first_step + count):
+        trainer.step = step
+        rows.append(trainer.train_step(step))
+    return rows
+
+
+def _floor_steps(floor, records: list, first_step: int, count: int) -> list:
+    rows = []
+    for step in range(first_step, first_step + count):
+        batch = records[(step * BENCH_PROMPTS) % (len(records) - BENCH_PROMPTS):][:BENCH_PROMPTS]
+        rows.append(floor.step([r.prompt for r in batch], [r.answer for r in batch], BENCH_SAMPLES,
+                               BENCH_NEW_TOKENS, seed=step))
+    return rows
+
+
+def compare_with_floor(model: str, backend: str, rounds: int, steps: int, output_dir: str,
+                       overrides: tuple[str, ...] = (), log: Callable[[str], None] = print,
+                       peak: float = 0.0) -> dict:
+    """Alternate floor and ours ``rounds`` times, ``steps`` steps each (after one warm-up step of each)."""
+    from rlhf_ds.bench_floor import FloorLoop
+    from rlhf_ds.trainer.run import build_trainer
+
+    cfg = bench_config(model, backend, output_dir, overrides)
+    floor = FloorLoop(cfg.actor.model_path, cfg.actor.lr)
+    records = list(_train_records(cfg))
+    trainer, runner = build_trainer(cfg, show_progress=False)
+    try:
+        num_params = floor.num_parameters()
+        _floor_steps(floor, records, 0, 1)
+        _our_steps(trainer, 1, 1)   # warm-ups: first calls compile / allocate
+        ours_by_round, floor_by_round = [], []
+        for r in range(rounds):
+            floor_by_round.append(_floor_steps(floor, records, 2 + r * steps, steps))
+            ours_by_round.append(_our_steps(trainer, 2 + r * steps, steps))
+            log(f"bench {model}/{backend}: round {r + 1}/{rounds}: ours "
+                f"{_median([x['timing/step_s'] for x in ours_by_round[-1]]):.3f} s, floor "
+                f"{_median([x.step_s for x in floor_by_round[-1]]):.3f} s")
+    finally:
+        if runner is not None:
+            runner.close()
+        trainer.roles.shutdown()
+    return _summary(model, backend, ours_by_round, floor_by_round, num_params, peak or measure_matmul_peak())
+
+
+def _summary(model: str, backend: str, ours_by_round: list[list[dict]], floor_by_round: list[list],
+             num_params: int, peak: float) -> dict:
+    ours = [row for rnd in ours_by_round for row in rnd]
+    floor = [row for rnd in floor_by_round for row in rnd]
+    ours_round = [_median([x["timing/step_s"] for x in rnd]) for rnd in ours_by_round]
+    floor_round = [_median([x.step_s for x in rnd]) for rnd in floor_by_round]
+    ratios = [o / f for o, f in zip(ours_round, floor_round)]
+    step_s = _median([x["timing/step_s"] for x in ours])
+    stages = sorted(k[len("timing/"):-2] for k in ours[0] if k.startswith("timing/") and k != "timing/step_s")
+    flops = 6 * num_params   # per trained token: forward 2N + backward 4N
+    return {
+        "model": model, "backend": backend, "model_params": num_params, "rounds": len(ours_by_round),
+        "ours_step_s": round(step_s, 4), "ours_step_s_spread": _spread(ours_round),
+        "floor_step_s": round(_median([x.step_s for x in floor]), 4), "floor_step_s_spread": _spread(floor_round),
+        "ratio": round(_median(ratios), 3), "ratio_spread": _spread(ratios),
+        "stage_share": {s: round(_median([x.get(f"timing/{s}_s", 0.0) for x in ours]) / step_s, 3) for s in stages},
+        "ours_rollout_tokens_per_s": round(_median([x["perf/generated_tokens"] / x["timing/rollout_s"] for x in ours])),
+        "floor_generate_tokens_per_s": round(_median([x.generated_tokens / x.generate_s for x in floor])),
+        "ours_train_fraction_of_peak": round(_median(
+            [flops * x["perf/train_seq_tokens"] / x["timing/train_s"] for x in ours]) / peak, 4),
+        "floor_train_fraction_of_peak": round(_median(
+            [flops * x.train_seq_tokens / x.train_s for x in floor]) / peak, 4),
+        "matmul_peak_flops_per_s": round(peak),
+    }
+
+
+def _train_records(cfg: Config):
+    from rlhf_ds.data.prompts import load_run_records
+
+    return load_run_records(cfg.data)[0][:4096]
+
+
+def format_table(results: list[dict]) -> str:
+    head = (f"{'model':6} {'backend':7} {'ours s':>8} {'floor s':>8} {'ratio':>6} {'ratio spread':>14} "
+            f"{'tok/s ours':>10} {'tok/s floor':>11} {'train %peak':>12}  stage shares")
+    lines = [head]
+    for r in results:
+        shares = " ".join(f"{k}={v:.2f}" for k, v in r["stage_share"].items() if v >= 0.01)
+        lines.append(f"{r['model']:6} {r['backend']:7} {r['ours_step_s']:8.3f} {r['floor_step_s']:8.3f} "
+                     f"{r['ratio']:6.2f} {str(r['ratio_spread']):>14} {r['ours_rollout_tokens_per_s']:10d} "
+                     f"{r['floor_generate_tokens_per_s']:11d} "
+                     f"{100 * r['ours_train_fraction_of_peak']:5.1f}/{100 * r['floor_train_fraction_of_peak']:4.1f}%"
+                     f"  {shares}")
+    return "\n".join(lines)
 
 
 def run_bench(cfg: Config, steps: int, log: Callable[[str], None] = print, name: str = "grpo_tiny") -> dict:

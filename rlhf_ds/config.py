@@ -188,6 +188,8 @@ class ClusterConfig:
     placement_strategy: PlacementStrategy = option("PACK", "Ray placement-group strategy")
     cpus_per_worker: float = option(0.25, "CPUs reserved per Ray worker (fractional on CPU hosts)",
                                     gt=0)
+    threads_per_worker: int = option(0, "torch threads of each Ray worker process; 0 = the host's cores over "
+                                        "the most workers busy at once in the stages it works in", ge=0)
     call_timeout_s: float = option(1800.0, "deadline of every wait on a worker or rollout engine; a "
                                            "rank that does not answer fails the run", gt=0)
     dist_timeout_s: float = option(600.0, "torch.distributed collective timeout of each role's group",
@@ -263,6 +265,14 @@ class Config:
     def trainable_roles(self) -> tuple[str, ...]:
         """Names of the roles that take optimizer steps in this run."""
         return TRAINABLE_ROLES if self.needs_critic else ("actor",)
+
+    @property
+    def on_policy_update(self) -> bool:
+        """One optimizer step per rollout batch (one epoch, one mini-batch) and no reference: the actor's
+        old log-probs equal the detached log-probs of its training forward, so that forward supplies them
+        and the separate old-log-prob pass is skipped (same gradient: the ratio is exactly 1)."""
+        batch = self.data.prompts_per_step * self.rollout.n
+        return self.algo.epochs == 1 and self.algo.mini_batch_size >= batch and not self.needs_reference
 
     @property
     def loss_norm_len(self) -> int:

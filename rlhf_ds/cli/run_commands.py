@@ -46,16 +46,39 @@ def _run_sft(ns: argparse.Namespace) -> int:
 
 def _add_bench(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--steps", type=int, default=11, help="RL steps to time (the first is a warm-up)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="with CONFIG: RL steps to time (default 11, the first a warm-up); without: steps per "
+                             "round of each side (default 5)")
+    parser.add_argument("--models", default="tiny,small", help="without CONFIG: models to compare (tiny, small)")
+    parser.add_argument("--backends", default="hf,vllm", help="without CONFIG: rollout backends to compare")
+    parser.add_argument("--rounds", type=int, default=3, help="without CONFIG: floor / ours alternations")
 
 
 def _run_bench(ns: argparse.Namespace) -> int:
-    from rlhf_ds.bench import run_bench
+    """`bench CONFIG [k=v ...]`: time that config alone. `bench [k=v ...]`: the fixed workload against the
+    single-process floor, every model and backend (``rlhf_ds.bench``); overrides apply to our side."""
+    from rlhf_ds.bench import BENCH_MODELS, compare_with_floor, format_table, measure_matmul_peak, run_bench
 
-    cfg = _config(ns)
-    name = split_config_args(ns.config_args)[0] or DEFAULT_RECIPE
-    result = run_bench(cfg, ns.steps, log=lambda line: print(line, flush=True), name=name)
-    print(json.dumps(result))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    name, overrides = split_config_args(ns.config_args)
+    if name is not None:
+        result = run_bench(_config(ns), ns.steps or 11, log=lambda line: print(line, flush=True), name=name)
+        print(json.dumps(result))
+        return 0
+    models, backends = ns.models.split(","), ns.backends.split(",")
+    unknown = [m for m in models if m not in BENCH_MODELS]
+    if unknown:
+        raise SystemExit(f"--models: unknown {unknown}; valid: {', '.join(BENCH_MODELS)}")
+    peak = measure_matmul_peak()
+    results = []
+    for model in models:
+        for backend in backends:
+            results.append(compare_with_floor(model, backend, ns.rounds, ns.steps or 5,
+                                              os.path.join("outputs", "bench", f"{model}_{backend}"),
+                                              tuple(overrides), log=lambda line: print(line, flush=True),
+                                              peak=peak))
+            print(json.dumps(results[-1]), flush=True)
+    print(format_table(results))
     return 0
 
 
@@ -63,5 +86,6 @@ RUN_COMMANDS = {
     "train": Command("run RL training: `train [CONFIG] [key=value ...]` (SFT warm start first when "
                      "trainer.sft.steps > 0, cached)", _add, _run_train),
     "sft": Command("run (or reuse) the SFT warm start of CONFIG and print its directory", _add, _run_sft),
-    "bench": Command("time a fixed GRPO workload and print one JSON line", _add_bench, _run_bench),
+    "bench": Command("our GRPO step against a single-process floor on a fixed workload (tiny and small models, "
+                     "each backend), or `bench CONFIG` to time one config", _add_bench, _run_bench),
 }

@@ -63,6 +63,9 @@ class RankHost:
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
         os.environ.update(env)
+        import torch   # may be imported already (by unpickling), when OMP_NUM_THREADS was read
+
+        torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
         self.role, self.rank, self.world_size = role, rank, world_size
         self.worker = None
 

@@ -92,6 +92,7 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
 
     from rlhf_ds.cluster.placement import plan_placement
     from rlhf_ds.cluster.ray_group import RoleGroup, create_pools, remove_pools, start_ray, worker_env
+    from rlhf_ds.cluster.threads import worker_threads
     from rlhf_ds.engine.dist import has_gpu
 
     use_gpu = has_gpu() if not (cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")) else None
@@ -106,13 +107,14 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
         pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus,
                              strategy=cfg.cluster.placement_strategy)
         roles._cleanup.append(lambda: remove_pools(pools))
-        env = worker_env()
+        threads = worker_threads(cfg, ranks, os.cpu_count() or 1)
         for name, n in ranks.items():
             if n == 0:
                 continue
             cls, args = _worker_spec(cfg, name)
             group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
-                              env=env, call_timeout_s=cfg.cluster.call_timeout_s)
+                              env=dict(worker_env(), OMP_NUM_THREADS=str(threads[name])),
+                              call_timeout_s=cfg.cluster.call_timeout_s)
             roles._cleanup.append(group.shutdown)
             setattr(roles, name, group)
     except BaseException:

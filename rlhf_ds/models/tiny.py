@@ -61,6 +61,9 @@ PRESETS: dict[str, TinyPreset] = {
     # ~1.1 M parameters.
     "llama-1m": TinyPreset("llama", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=4,
                            intermediate_size=512),
+    # ~6.3 M parameters: the "small" model of the benchmark (head_dim 32, a size vLLM's CPU kernels take).
+    "llama-small": TinyPreset("llama", hidden_size=256, num_layers=6, num_heads=8, num_kv_heads=8,
+                              intermediate_size=1024),
     # Qwen2 family (biased q/k/v) with grouped-query attention, to exercise a second architecture.
     "qwen2-arith": TinyPreset("qwen2", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
                               intermediate_size=256),

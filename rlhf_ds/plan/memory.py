@@ -152,12 +152,14 @@ def kv_cache_bytes(shape: ModelShape, sequences: int, seq_len: int, dtype_bytes:
 
 def hf_rollout_usage(shape: ModelShape, *, dtype_bytes: int, sequences: int, prompt_len: int,
                      response_len: int) -> Usage:
-    """The HF ``generate`` engine: whole weights, the KV cache of a chunk of ``sequences``, and the
-    per-step logits it keeps to score each sampled token ([sequences, response_len, vocab])."""
+    """The HF ``generate`` engine: whole weights, the KV cache of a chunk of ``sequences``, and the step
+    being decoded: its logits ([sequences, vocab] in the model dtype, an fp32 copy, the sampler's
+    probabilities and the log-probs kept until the token is drawn), plus one fp32 log-prob per token."""
     usage = Usage()
     usage.add("device", "weights (whole model)", shape.num_params * dtype_bytes)
     usage.add("device", "KV cache", kv_cache_bytes(shape, sequences, prompt_len + response_len, dtype_bytes))
-    usage.add("device", "per-step logits kept", sequences * response_len * shape.vocab_size * (2 * dtype_bytes + 8))
+    usage.add("device", "logits of the step decoded", sequences * shape.vocab_size * (dtype_bytes + 12))
+    usage.add("device", "sampled-token log-probs", sequences * response_len * 4)
     return usage
 
 

@@ -104,6 +104,6 @@ def process_env(cache_dir: str, in_process: bool, threads: int) -> dict[str, str
            "VLLM_RPC_BASE_PATH": os.path.join(cache_dir, "rpc"),
            "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
            "OMP_NUM_THREADS": str(threads)}
     return env

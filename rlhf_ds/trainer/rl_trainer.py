@@ -133,7 +133,8 @@ class RLTrainer:
             exp, metrics = self.rewards(exp, records)
         with timer("logprobs"):
             exp = self.forward_passes(exp)
-        metrics.update(logprob_gap(exp))
+        if exp.old_logprobs is not None:
+            metrics.update(logprob_gap(exp))
         with timer("advantages"):
             exp, adv_metrics = self.advantages(exp)
         with timer("train"):
@@ -147,6 +148,10 @@ class RLTrainer:
             self.sync_weights()
         tokens = exp.response_mask.sum().item()
         metrics.update(adv_metrics, **train_metrics, **timer.metrics())
+        if "actor/rollout_gap_sum" in metrics:   # measured by the training forward (on-policy update)
+            gap_sum, tokens = metrics.pop("actor/rollout_gap_sum"), metrics.pop("actor/rollout_gap_tokens")
+            metrics["rollout/logprob_diff_mean"] = gap_sum / max(tokens, 1.0)
+            metrics["rollout/logprob_diff_max"] = metrics.pop("actor/rollout_gap_max")
         metrics["perf/generated_tokens"] = tokens
         metrics["data/epoch"], metrics["data/position"] = self.loader.epoch, self.loader.position
         # every real token (prompt and response) goes through forward and backward in each epoch
@@ -181,12 +186,14 @@ class RLTrainer:
         return exp.replace(rewards=total), metrics
 
     def forward_passes(self, exp: Experience) -> Experience:
-        """Old log-probs (actor), reference log-probs and values, the three roles working concurrently."""
+        """Old log-probs (actor), reference log-probs and values, the three roles working concurrently.
+        An on-policy update (``Config.on_policy_update``) takes its old log-probs from the training
+        forward instead: no separate actor pass."""
         roles = self.roles
-        old = roles.actor.dispatch_async("compute_logprobs", exp)
+        old = None if self.cfg.on_policy_update else roles.actor.dispatch_async("compute_logprobs", exp)
         ref = roles.reference.dispatch_async("compute_logprobs", exp) if roles.reference is not None else None
         values = roles.critic.dispatch_async("compute_values", exp) if roles.critic is not None else None
-        return exp.replace(old_logprobs=old.get(), ref_logprobs=ref.get() if ref else None,
+        return exp.replace(old_logprobs=old.get() if old else None, ref_logprobs=ref.get() if ref else None,
                            values=values.get() if values else None)
 
     def advantages(self, exp: Experience) -> tuple[Experience, dict[str, float]]:

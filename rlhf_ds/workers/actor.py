@@ -36,18 +36,23 @@ def actor_loss(model: Any, micro: Experience, algo: Any, *, kl_coef: float, temp
     logprobs = logprobs_from_logits(logits, micro.response_ids.to(device))   # [b, R]
     mask = micro.response_mask.to(device)
     weights = micro.token_weights.to(device)
+    metrics: dict[str, Metric] = {}
+    if micro.old_logprobs is None:   # an on-policy update (Config.on_policy_update): this forward's values
+        old_logprobs = logprobs.detach()
+        metrics.update(rollout_gap_metrics(old_logprobs, micro.rollout_logprobs, mask))
+    else:
+        old_logprobs = micro.old_logprobs.to(device)
     is_weights = None
     if algo.tis and micro.rollout_logprobs is not None:
-        is_weights = truncated_is_weights(micro.old_logprobs.to(device), micro.rollout_logprobs.to(device),
-                                          algo.tis_cap, mask)
+        is_weights = truncated_is_weights(old_logprobs, micro.rollout_logprobs.to(device), algo.tis_cap, mask)
     advantages = weighted_advantages(micro.advantages.to(device), weights)
-    loss_tok, stats = policy_loss(algo.policy_loss, logprobs, micro.old_logprobs.to(device), advantages, mask,
+    loss_tok, stats = policy_loss(algo.policy_loss, logprobs, old_logprobs, advantages, mask,
                                   clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                                   is_weights=is_weights)
     pg_loss = (loss_tok * mask).sum()
     total = pg_loss
-    metrics = {"policy_loss": Metric(pg_loss.item(), MetricKind.SUM),
-               **metrics_from_stats(stats, POLICY_STAT_KINDS)}
+    metrics.update({"policy_loss": Metric(pg_loss.item(), MetricKind.SUM),
+                    **metrics_from_stats(stats, POLICY_STAT_KINDS)})
     if algo.kl_placement == "loss" and kl_coef > 0:
         kl_sum = (kl_penalty(logprobs, micro.ref_logprobs.to(device), algo.kl_estimator) * weights).sum()
         total = total + kl_coef * kl_sum
@@ -61,6 +66,17 @@ def actor_loss(model: Any, micro: Experience, algo: Any, *, kl_coef: float, temp
     metrics["entropy"] = Metric(entropy_sum.item(), MetricKind.SUM)
     metrics["loss"] = Metric(total.item(), MetricKind.SUM)
     return total, metrics
+
+
+def rollout_gap_metrics(logprobs: torch.Tensor, rollout_logprobs: Optional[torch.Tensor], mask: torch.Tensor
+                        ) -> dict[str, Metric]:
+    """|actor - engine| log-prob gap of a micro-batch as sums (the trainer divides by the token count)."""
+    if rollout_logprobs is None:
+        return {}
+    gap = (logprobs - rollout_logprobs.to(logprobs.device)).abs() * mask
+    return {"rollout_gap_sum": Metric(gap.sum().item(), MetricKind.SUM),
+            "rollout_gap_max": Metric(gap.max().item() if gap.numel() else 0.0, MetricKind.MAX),
+            "rollout_gap_tokens": Metric(mask.sum().item(), MetricKind.SUM)}
 
 
 class ActorWorker(TrainableWorker):
@@ -77,7 +93,7 @@ class ActorWorker(TrainableWorker):
         ``algo.kl_coef``. Returns metrics combined over the data-parallel ranks."""
         algo = self.cfg.algo
         kl_coef = algo.kl_coef if kl_coef is None else kl_coef
-        needed = ("old_logprobs", "advantages", "token_weights")
+        needed = ("advantages", "token_weights") + (() if self.cfg.on_policy_update else ("old_logprobs",))
         if algo.kl_placement == "loss" and kl_coef > 0:
             needed += ("ref_logprobs",)
         require_fields(self.role, shard, needed)

@@ -141,11 +141,15 @@ def test_cli_plan_prints_the_breakdown_and_exits_1_when_it_does_not_fit(capsys):
     out = capsys.readouterr().out
     assert "actor rank 0" in out and "optimizer states (partition)" in out and "verdict: the run fits." in out
     assert "actor: 1 rank(s), ds_configs/zero3_train.json (offload: none), fp32, micro-batch 64" in out
-    assert cli.main(["plan", "grpo_qwen2.5_1.5b_gsm8k", "actor.model_path=shape:qwen2.5-1.5b",
-                     "reference.model_path=shape:qwen2.5-1.5b", "--gpu-memory-gib", "80"]) == 1
+    qwen = ["plan", "grpo_qwen2.5_1.5b_gsm8k", "actor.model_path=shape:qwen2.5-1.5b",
+            "reference.model_path=shape:qwen2.5-1.5b"]
+    assert cli.main(qwen + ["--gpu-memory-gib", "24"]) == 1
     out = capsys.readouterr().out
-    assert "gpu 6: " in out and "DOES NOT FIT" in out and "per-step logits kept" in out
+    assert "gpu 0: " in out and "DOES NOT FIT" in out
     assert "changes that make it fit" in out or "closest found" in out
+    # the HF engine keeps one decoding step's logits, not every step's: 512 x 1024 tokens fit on 80 GiB
+    assert cli.main(qwen + ["rollout.backend=hf", "--gpu-memory-gib", "80"]) == 0
+    assert "logits of the step decoded 1.01 GiB" in capsys.readouterr().out
 
 
 def test_unknown_models_are_named_with_the_valid_choices(capsys):

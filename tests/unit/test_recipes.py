@@ -50,6 +50,7 @@ def test_recipes_describe_what_they_promise():
     assert ppo.needs_critic and ppo.needs_reference
     for name in ("grpo_qwen2.5_1.5b_gsm8k", "ppo_qwen2.5_0.5b"):
         gpu = load_config(name)
-        assert gpu.rollout.backend == "hf" and gpu.data.train_path.endswith(".jsonl")
+        assert gpu.rollout.backend == "vllm" and gpu.data.train_path.endswith(".jsonl")
+        assert not gpu.rollout.vllm.enforce_eager   # CUDA graphs on
         assert gpu.actor.model_path.startswith("/path/to/")  # placeholders users replace
     assert load_config("ppo_qwen2.5_0.5b").uses_reward_model

@@ -3,7 +3,7 @@ checks, and the GPU transfers' init info, bucket source and rendezvous ranks (fa
 import pytest
 import torch
 
-from rlhf_ds.config import ConfigError, load_config
+from rlhf_ds.config import ConfigError, config_from_dict, load_config
 from rlhf_ds.rollout.vllm_settings import (LOGPROBS_MODE, SHM_BACKEND, compilation_config, engine_kwargs,
                                            process_env, transfer_backend)
 from rlhf_ds.rollout.weights import (ParamSpec, UpdateSession, WeightMismatch, check_manifest, expected_manifest,
@@ -11,7 +11,8 @@ from rlhf_ds.rollout.weights import (ParamSpec, UpdateSession, WeightMismatch, c
 
 
 def _cfg(*overrides):
-    return load_config("grpo_tiny", ["rollout.backend=vllm", *overrides])
+    """The config's own defaults (the tiny recipes set eager mode and a KV-cache size for CPU hosts)."""
+    return config_from_dict({}, ["actor.model_path=tiny:llama-micro", "rollout.backend=vllm", *overrides])
 
 
 def _kwargs(cfg, **kw):
