@@ -76,3 +76,16 @@ PLACEMENT_STRATEGIES: tuple[str, ...] = get_args(PlacementStrategy)
 TRAINABLE_ROLES = ("actor", "critic")     # take optimizer steps
 INFERENCE_ROLES = ("reference", "reward")  # forward only, no optimizer
 ROLES = TRAINABLE_ROLES + INFERENCE_ROLES
+
+# ----------------------------------------------------------------------------- logging
+
+# Where each step's metrics go (trainer.loggers). jsonl is required: summary.json, the curves and
+# trainer.resume read OUTPUT_DIR/metrics.jsonl.
+RunLoggerName = Literal["jsonl", "tensorboard", "wandb"]
+RUN_LOGGERS: tuple[str, ...] = get_args(RunLoggerName)
+REQUIRED_LOGGER: RunLoggerName = "jsonl"
+DEFAULT_LOGGERS: tuple[RunLoggerName, ...] = ("jsonl", "tensorboard")
+
+# wandb.init(mode=...): offline writes the run under the output dir and never needs the network.
+WandbMode = Literal["online", "offline", "disabled"]
+WANDB_MODES: tuple[str, ...] = get_args(WandbMode)

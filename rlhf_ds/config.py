@@ -23,6 +23,8 @@ from rlhf_ds.choices import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, PRESCALE
                              TOKEN_REWARD_ESTIMATORS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode,
                              KlEstimator, KlPlacement, Launcher, LossReduction, LrSchedule,
                              NonfiniteScorePolicy, PlacementStrategy, PolicyLoss, Precision, RolloutBackend)
+from rlhf_ds.choices import (DEFAULT_LOGGERS, REQUIRED_LOGGER, RUN_LOGGERS, RunLoggerName,
+                             WandbMode)
 from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
                                    section, to_plain, yaml_dump, yaml_load)
 
@@ -139,6 +141,8 @@ class RolloutConfig:
                                      "of work for benchmarks; responses then rarely end in eos)")
     num_engines: int = option(1, "rollout engines (independent of actor.num_ranks)", ge=1)
     eval_temperature: float = option(0.0, "temperature of held-out evaluation (0 = greedy)", ge=0)
+    async_generation: bool = option(False, "generate the next step's batch while this one trains (one step "
+                                           "off-policy; old log-probs recomputed, algo.tis corrects)")
     weight_sync_bucket_mb: int = option(64, "size of the parameter buckets sent actor -> rollout", ge=1)
     vllm: VllmConfig = section(VllmConfig, "vLLM engine settings")
 
@@ -227,6 +231,12 @@ class TrainerConfig:
                                  "rollout.eval_temperature", ge=1)
     skip_plan: bool = option(False, "start even when `rlhf-ds plan` finds that the run does not fit "
                                     "this machine's memory")
+    loggers: tuple[RunLoggerName, ...] = option(DEFAULT_LOGGERS, "where each step's metrics go; jsonl "
+                                                                 "(metrics.jsonl) is required")
+    wandb_project: str = option("rlhf_ds", "W&B project (with 'wandb' in trainer.loggers)")
+    wandb_run_name: str = option("", "W&B run name; '' = the last folder of trainer.output_dir")
+    wandb_mode: WandbMode = option("offline", "W&B mode (wins over WANDB_MODE); offline writes the run "
+                                              "under output_dir/wandb (or WANDB_DIR) for `wandb sync`")
     sft: SftConfig = section(SftConfig, "supervised warm start")
 
 
@@ -272,7 +282,8 @@ class Config:
         old log-probs equal the detached log-probs of its training forward, so that forward supplies them
         and the separate old-log-prob pass is skipped (same gradient: the ratio is exactly 1)."""
         batch = self.data.prompts_per_step * self.rollout.n
-        return self.algo.epochs == 1 and self.algo.mini_batch_size >= batch and not self.needs_reference
+        return (self.algo.epochs == 1 and self.algo.mini_batch_size >= batch and not self.needs_reference
+                and not self.rollout.async_generation)
 
     @property
     def loss_norm_len(self) -> int:
@@ -463,13 +474,21 @@ def _runtime_rules(cfg: Config):
             yield f"cluster.launcher='deepspeed' runs every role on every rank; got {listed}"
 
 
+def _logging_rules(cfg: Config):
+    if REQUIRED_LOGGER not in cfg.trainer.loggers:
+        yield (f"trainer.loggers must include {REQUIRED_LOGGER!r}, got {list(cfg.trainer.loggers)}: "
+               f"summary.json, the curves and trainer.resume read OUTPUT_DIR/metrics.jsonl; add the "
+               f"others next to it (valid loggers: {', '.join(RUN_LOGGERS)})")
+
+
 def _roles_in_use(cfg: Config) -> list[str]:
     roles = list(cfg.trainable_roles)
     roles += ["reference"] if cfg.needs_reference else []
     return roles + (["reward"] if cfg.uses_reward_model else [])
 
 
-_RULES = (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules)
+_RULES = (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules,
+          _logging_rules)
 
 
 def validate(cfg: Config) -> None:

@@ -199,6 +199,7 @@ class RoleGroup:
                  worker_kwargs: dict | None = None, env: dict[str, str] | None = None,
                  call_timeout_s: float = 1800.0):
         self.role, self.call_timeout_s = role, call_timeout_s
+        self._sync_plan = None   # (the actor's weight manifest, the engines' direct transfer) once known
         placement = plan.roles[role]
         resources = plan.rank_resources(role, use_gpu, cpus_per_worker)
         self.num_ranks = len(placement.bundle_indices)
@@ -241,8 +242,10 @@ class RoleGroup:
         rank gathers each bucket and rank 0 sends it (Ray's object store, or vLLM's NCCL / IPC transfer
         on GPUs), then the engines put the new weights live at once."""
         bucket_bytes = int(bucket_mb * 2 ** 20)
-        rollout.run_all("start_weight_update", self.run_all("weight_manifest")[0], version)
-        direct = rollout.run_all("direct_transfer")[0]
+        if self._sync_plan is None:   # fixed for the run: asked once (two round trips fewer per sync)
+            self._sync_plan = (self.run_all("weight_manifest")[0], rollout.run_all("direct_transfer")[0])
+        manifest, direct = self._sync_plan
+        rollout.run_all("start_weight_update", manifest, version)
         if direct is None:
             counts = self.apply_all(_push_through_object_store, rollout.handles, bucket_bytes)
         else:

@@ -15,7 +15,10 @@ from typing import Any
 def stage_roles(cfg: Any) -> dict[str, tuple[str, ...]]:
     """The roles that work concurrently in each stage of an RL step."""
     passes = ("reference", "critic") + (() if cfg.on_policy_update else ("actor",))
-    return {"rollout": ("rollout",), "scores": ("reward",), "passes": passes, "train": ("actor", "critic")}
+    # asynchronous generation: the engines work through every stage of the step before
+    overlap = ("rollout",) if cfg.rollout.async_generation else ()
+    return {"rollout": ("rollout",), "scores": ("reward",) + overlap, "passes": passes + overlap,
+            "train": ("actor", "critic") + overlap}
 
 
 def worker_threads(cfg: Any, role_ranks: dict[str, int], cores: int) -> dict[str, int]:

@@ -12,7 +12,7 @@ sampling compares like with like.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -56,10 +56,21 @@ def generate(rollout_group: Any, prompts: list[list[int]], n: int, sampling: Sam
              seed: int) -> list[RolloutSample]:
     """Samples of every prompt, prompt-major, from all engines of ``rollout_group`` (prompts split
     over them; an engine's shard may be one prompt longer than another's)."""
-    samples = rollout_group.dispatch("generate", prompts, n, sampling, seed, even=False)
-    for row, sample in enumerate(samples):   # engine-local prompt indices -> indices into `prompts`
-        sample.prompt_index = row // n
-    return samples
+    return generate_async(rollout_group, prompts, n, sampling, seed)()
+
+
+def generate_async(rollout_group: Any, prompts: list[list[int]], n: int, sampling: SamplingParams,
+                   seed: int) -> Callable[[], list[RolloutSample]]:
+    """Start :func:`generate`; the returned call waits for the samples."""
+    pending = rollout_group.dispatch_async("generate", prompts, n, sampling, seed, even=False)
+
+    def wait() -> list[RolloutSample]:
+        samples = pending.get()
+        for row, sample in enumerate(samples):   # engine-local prompt indices -> indices into `prompts`
+            sample.prompt_index = row // n
+        return samples
+
+    return wait
 
 
 def build_experience(prompts: Sequence[Sequence[int]], samples: Sequence[RolloutSample], pad_id: int,

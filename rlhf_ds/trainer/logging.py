@@ -4,25 +4,35 @@
   (``Config.summary_interval``: about 20 lines for a whole run), at each held-out evaluation and at
   the last step;
 - ``OUTPUT_DIR/metrics.jsonl``: one JSON object per step, ``step`` plus every reduced metric;
-- TensorBoard events in ``OUTPUT_DIR/tensorboard``;
+- TensorBoard events in ``OUTPUT_DIR/tensorboard`` and a W&B run, as ``trainer.loggers`` says (the JSONL file
+  is always written: the summary, the curves and resume read it);
 - at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses) and ``OUTPUT_DIR/summary.json``
   with the first and last held-out evaluation.
 
 A resumed run keeps the lines of steps up to the checkpoint and drops later ones (they were computed by
-the interrupted run after its last checkpoint and are about to be recomputed).
+the interrupted run after its last checkpoint and are about to be recomputed). The W&B run is resumed by
+the id saved in ``OUTPUT_DIR/wandb_run_id``; W&B keeps only increasing steps, so for the steps between the
+checkpoint and the interruption it keeps the interrupted run's values, where metrics.jsonl has the new ones.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import secrets
 import time
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from tqdm import tqdm
 
+from rlhf_ds.choices import DEFAULT_LOGGERS
+
+if TYPE_CHECKING:
+    from rlhf_ds.config import Config
+
 EVAL_KEY = "eval/accuracy"
+WANDB_ID_FILE = "wandb_run_id"
 # The summary line: (metric, short label); absent metrics are left out.
 _SUMMARY = (("reward/mean", "reward"), (EVAL_KEY, "eval"), ("actor/policy_loss", "pg_loss"),
             ("actor/kl_loss", "kl"), ("critic/value_loss", "v_loss"), ("actor/grad_norm", "gnorm"),
@@ -66,24 +76,30 @@ def summary_line(step: int, max_steps: int, metrics: dict) -> str:
 
 class RunLogger:
     """``main=False`` (SPMD ranks other than 0) reads the history, so every rank takes the same
-    decisions from it, but writes and prints nothing."""
+    decisions from it, but writes and prints nothing. ``config`` gives ``trainer.loggers`` and the W&B
+    settings (None: metrics.jsonl and TensorBoard)."""
 
     def __init__(self, output_dir: str, max_steps: int, start_step: int = 0, summary_interval: int = 1,
-                 show_progress: bool = True, main: bool = True):
+                 show_progress: bool = True, main: bool = True, config: Optional[Config] = None):
         self.output_dir, self.max_steps, self.summary_interval = output_dir, max_steps, summary_interval
+        loggers = config.trainer.loggers if config is not None else DEFAULT_LOGGERS
         self.path = os.path.join(output_dir, "metrics.jsonl")
         # A fresh run (start_step 0) starts a fresh file, even in an output_dir used before.
         self.history = read_metrics(self.path, up_to_step=start_step) if start_step > 0 else []
         self.main = main
         self.started = time.time()
+        self.tb, self.wandb = None, None
         if not main:
             return
-        from torch.utils.tensorboard import SummaryWriter
-
         os.makedirs(output_dir, exist_ok=True)
         with open(self.path, "w", encoding="utf-8") as f:   # rewrite: drop steps after the checkpoint
             f.writelines(json.dumps(row) + "\n" for row in self.history)
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        if "wandb" in loggers:
+            self.wandb = start_wandb(config, output_dir, resume=start_step > 0)
         self.bar = tqdm(total=max_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True,
                         disable=not show_progress)
 
@@ -94,9 +110,12 @@ class RunLogger:
             return
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        for key, value in metrics.items():
-            if math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                if math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=step)
         self.bar.update(step - self.bar.n)
         if step % self.summary_interval == 0 or step == self.max_steps or EVAL_KEY in metrics:
             tqdm.write(summary_line(step, self.max_steps, metrics))
@@ -115,11 +134,41 @@ class RunLogger:
         if not self.main:
             return summary
         self.bar.close()
-        self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
         with open(os.path.join(self.output_dir, "summary.json"), "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=2)
         plot_curves(self.history, os.path.join(self.output_dir, "curves.png"))
+        if self.wandb is not None:   # last: an upload still running does not hold back the files above
+            self.wandb.summary.update({k: v for k, v in summary.items() if v is not None})
+            self.wandb.finish()
         return summary
+
+
+def start_wandb(config: Config, output_dir: str, resume: bool) -> Any:
+    """The W&B run of ``output_dir``, with the resolved config as its run config. A fresh run
+    gets a new id, saved in OUTPUT_DIR/wandb_run_id; a resumed run continues the run of the saved id
+    (``resume="allow"``: it is created if W&B does not know it, as offline)."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise RuntimeError(f"trainer.loggers includes 'wandb' but the wandb package cannot be imported "
+                           f"({err}): install it (pip install wandb) or drop it from trainer.loggers") from None
+    trainer = config.trainer
+    id_path = os.path.join(output_dir, WANDB_ID_FILE)
+    run_id = ""
+    if resume and os.path.exists(id_path):
+        with open(id_path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        with open(id_path, "w", encoding="utf-8") as f:
+            f.write(run_id + "\n")
+    name = trainer.wandb_run_name or os.path.basename(os.path.normpath(output_dir))
+    # WANDB_DIR, when set, says where W&B writes; wandb.init's `dir` would override it.
+    return wandb.init(project=trainer.wandb_project, name=name, id=run_id, resume="allow",
+                      mode=trainer.wandb_mode, config=config.to_dict(),
+                      dir=None if os.environ.get("WANDB_DIR") else output_dir)
 
 
 def plot_curves(history: list[dict], path: str) -> None:

@@ -25,7 +25,7 @@ from rlhf_ds.batch import Experience
 from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.prompts import PromptLoader, PromptRecord, encode_prompts
-from rlhf_ds.rollout.base import SamplingParams, build_experience, generate
+from rlhf_ds.rollout.base import SamplingParams, build_experience, generate, generate_async
 from rlhf_ds.trainer import checkpoint
 from rlhf_ds.trainer.logging import RunLogger
 
@@ -83,6 +83,9 @@ class RLTrainer:
                                        cfg.rollout.max_response_len, cfg.rollout.ignore_eos)
         # set by the caller (SIGTERM / SIGINT handlers): stop at the next safe point, with a checkpoint
         self.stop_requested: Callable[[], bool] = lambda: False
+        self.synced_step = 0              # the step whose weights the engines serve
+        self._ahead: Optional[Callable] = None   # asynchronous generation: the next step's batch, started
+        self._loader_state_before_ahead: dict = {}
 
     @property
     def is_main(self) -> bool:
@@ -124,11 +127,8 @@ class RLTrainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         timer = StageTimer()
-        with timer("prompts"):
-            records = self.loader.next_batch()
-            prompts = encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
-        with timer("rollout"):
-            exp = self.rollout(prompts, seed=self.cfg.seed * _STEP_SEED_STRIDE + step)
+        with timer("rollout"):   # asynchronous generation: only the wait for the batch made during the last step
+            exp, records = self.rollout_batch(step)
         with timer("rewards"):
             exp, metrics = self.rewards(exp, records)
         with timer("logprobs"):
@@ -144,25 +144,53 @@ class RLTrainer:
             self.kl.update(kl, len(exp))
         elif kl is not None:   # a non-finite KL never reaches the controller: it keeps its coefficient
             adv_metrics["actor/kl_nonfinite"] = 1.0
-        with timer("sync"):
-            self.sync_weights()
-        tokens = exp.response_mask.sum().item()
+        if not self.cfg.rollout.async_generation:   # (asynchronous: at the next batch, or before evaluating)
+            with timer("sync"):
+                self.sync_weights()
         metrics.update(adv_metrics, **train_metrics, **timer.metrics())
         if "actor/rollout_gap_sum" in metrics:   # measured by the training forward (on-policy update)
-            gap_sum, tokens = metrics.pop("actor/rollout_gap_sum"), metrics.pop("actor/rollout_gap_tokens")
-            metrics["rollout/logprob_diff_mean"] = gap_sum / max(tokens, 1.0)
+            gap_sum, gap_tokens = metrics.pop("actor/rollout_gap_sum"), metrics.pop("actor/rollout_gap_tokens")
+            metrics["rollout/logprob_diff_mean"] = gap_sum / max(gap_tokens, 1.0)
             metrics["rollout/logprob_diff_max"] = metrics.pop("actor/rollout_gap_max")
-        metrics["perf/generated_tokens"] = tokens
+        metrics["perf/generated_tokens"] = exp.response_mask.sum().item()
         metrics["data/epoch"], metrics["data/position"] = self.loader.epoch, self.loader.position
         # every real token (prompt and response) goes through forward and backward in each epoch
         metrics["perf/train_seq_tokens"] = exp.attention_mask.sum().item() * self.cfg.algo.epochs
         return metrics
 
     # ---------------------------------------------------------------- stages
-    def rollout(self, prompts: list[list[int]], seed: int) -> Experience:
-        samples = generate(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling, seed)
-        return build_experience(prompts, samples, self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len,
-                                self.cfg.rollout.max_response_len)
+    def rollout_batch(self, step: int) -> tuple[Experience, list[PromptRecord]]:
+        """Step ``step``'s prompts and their samples.
+
+        Synchronous: drawn and generated now, by the weights after step - 1. Asynchronous
+        (``rollout.async_generation``): the batch was started during the previous step, by the weights
+        after step - 2 (one step off-policy: old log-probs are recomputed, ``algo.tis`` corrects); once it
+        is in, the engines get the weights after step - 1 and start on the next step's batch, which they
+        generate while this one trains."""
+        if not self.cfg.rollout.async_generation:
+            return self._start_rollout(step)()
+        ahead = self._ahead or self._start_rollout(step)
+        exp, records = ahead()
+        self._ahead = None
+        self.sync_weights_if_behind(step - 1)   # the actor has trained step - 1 steps
+        if step < self.cfg.trainer.max_steps:
+            self._loader_state_before_ahead = self.loader.state_dict()
+            self._ahead = self._start_rollout(step + 1)
+        return exp, records
+
+    def _start_rollout(self, step: int) -> Callable[[], tuple[Experience, list[PromptRecord]]]:
+        """Draw step ``step``'s prompts and start generating; the returned call waits for the batch."""
+        records = self.loader.next_batch()
+        prompts = encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
+        wait = generate_async(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling,
+                              self.cfg.seed * _STEP_SEED_STRIDE + step)
+
+        def done() -> tuple[Experience, list[PromptRecord]]:
+            exp = build_experience(prompts, wait(), self.tokenizer.pad_token_id, self.cfg.rollout.max_prompt_len,
+                                   self.cfg.rollout.max_response_len)
+            return exp, records
+
+        return done
 
     def rewards(self, exp: Experience, records: list[PromptRecord]) -> tuple[Experience, dict[str, float]]:
         texts, finished = scoring.decode(self.tokenizer, exp)
@@ -239,12 +267,20 @@ class RLTrainer:
                 per_minibatch.append(metrics)
         return reduce_metrics_across_minibatches(per_minibatch)
 
-    def sync_weights(self) -> None:
-        """The engines serve the actor's weights after ``self.step`` (the weight version ``step-N``)."""
-        self.roles.actor.sync_weights(self.roles.rollout, self.cfg.rollout.weight_sync_bucket_mb, f"step-{self.step}")
+    def sync_weights(self, trained_steps: Optional[int] = None) -> None:
+        """The engines serve the actor's weights after ``trained_steps`` optimizer steps (default
+        ``self.step``), as weight version ``step-N``."""
+        trained = self.step if trained_steps is None else trained_steps
+        self.roles.actor.sync_weights(self.roles.rollout, self.cfg.rollout.weight_sync_bucket_mb, f"step-{trained}")
+        self.synced_step = trained
+
+    def sync_weights_if_behind(self, trained_steps: Optional[int] = None) -> None:
+        if self.synced_step != (self.step if trained_steps is None else trained_steps):
+            self.sync_weights(trained_steps)
 
     def evaluate(self) -> dict[str, float]:
         t0 = time.perf_counter()
+        self.sync_weights_if_behind()   # asynchronous runs sync lazily; evaluation sees this step's weights
         rollout = self.cfg.rollout
         out = scoring.evaluate(lambda *request: generate(self.roles.rollout, *request), self.tokenizer,
                                self.eval_records, self.eval_prompts, rollout.eval_temperature,
@@ -256,7 +292,9 @@ class RLTrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def trainer_state(self) -> dict:
-        return {"step": self.step, "loader": self.loader.state_dict(), "kl": self.kl.state_dict()}
+        # a batch generated ahead is not trained yet: a resumed run draws its prompts again
+        loader = self._loader_state_before_ahead if self._ahead is not None else self.loader.state_dict()
+        return {"step": self.step, "loader": loader, "kl": self.kl.state_dict()}
 
     def save(self) -> str:
         cfg = self.cfg.trainer

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from rlhf_ds.config import ConfigError, load_config
 from rlhf_ds.models.tiny import resolve_model_path
 from rlhf_ds.trainer.checkpoint import MARKER, latest_checkpoint
-from rlhf_ds.bench import run_bench
+from rlhf_ds.bench import compare_with_floor, format_table, run_bench
 from rlhf_ds.trainer.run import run_training
 
 from e2e_common import tiny_overrides
@@ -113,3 +113,29 @@ def test_bench_reports_every_figure(ray_session, tmp_path):
     assert 0 < result["train_flops_fraction_of_peak"] < 1
     micro = AutoModelForCausalLM.from_pretrained(resolve_model_path("tiny:llama-micro"))
     assert result["model_params"] == sum(p.numel() for p in micro.parameters())
+
+
+def test_async_generation_is_one_step_off_policy(ray_session, tmp_path):
+    """rollout.async_generation: step 1's batch comes from the initial weights and is trained on them (no
+    gap); each later batch was generated before the previous update, so its rollout log-probs differ from
+    the actor's recomputed ones, and the truncated importance weights correct for it."""
+    cfg = load_config("grpo_tiny", tiny_overrides(tmp_path) + [
+        "rollout.async_generation=true", "algo.tis=true", "trainer.max_steps=3", "trainer.eval_interval=2"])
+    assert not cfg.on_policy_update   # old log-probs are recomputed
+    run_training(cfg, log=lambda *_: None, show_progress=False)
+    rows = {r["step"]: r for r in _rows(tmp_path)}
+    assert rows[1]["rollout/logprob_diff_max"] < 1e-4
+    assert rows[2]["rollout/logprob_diff_mean"] > 1e-4 and rows[3]["rollout/logprob_diff_mean"] > 1e-4
+    assert "eval/accuracy" in rows[2] and "eval/accuracy" in rows[3]
+
+
+def test_bench_against_the_floor_reports_both_sides(ray_session, tmp_path):
+    result = compare_with_floor("tiny", "hf", rounds=2, steps=1, output_dir=str(tmp_path), log=lambda *_: None,
+                                overrides=("actor.model_path=tiny:llama-micro",), peak=1e11)
+    assert result["rounds"] == 2 and result["ours_step_s"] > 0 and result["floor_step_s"] > 0
+    low, high = result["ratio_spread"]
+    assert 0 < low <= result["ratio"] <= high   # the median of the per-round ratios
+    assert result["ours_rollout_tokens_per_s"] > 0 and result["floor_generate_tokens_per_s"] > 0
+    assert 0 < result["ours_train_fraction_of_peak"] < 1 and 0 < result["floor_train_fraction_of_peak"] < 1
+    assert {"rollout", "train", "sync"} <= set(result["stage_share"])
+    assert "tiny   hf" in format_table([result])
