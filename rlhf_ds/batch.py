@@ -90,6 +90,22 @@ class Experience:
         n = len(self)
         return self.split([min(size, n - start) for start in range(0, n, size)])
 
+    def trimmed(self) -> "Experience":
+        """The same rows without the columns that are padding in every row: leading prompt columns and
+        trailing response columns. Real tokens keep their positions (``position_ids`` count from each
+        row's first real token) and causal attention never sees the dropped columns, so every real
+        token's outputs are unchanged, up to floating-point summation order."""
+        first = int(self.prompt_mask.any(dim=0).long().argmax()) if self.prompt_mask.any() else self.prompt_len - 1
+        first = min(first, self.prompt_len - 1)   # keep at least one prompt column: it scores response token 0
+        real = self.response_mask.any(dim=0).nonzero()
+        length = int(real[-1]) + 1 if len(real) else 1
+        if first == 0 and length == self.response_len:
+            return self
+        changes = {name: value[:, :length] for name, value in self.tensors().items()
+                   if value.dim() == 2 and name not in ("prompt_ids", "prompt_mask")}
+        changes.update(prompt_ids=self.prompt_ids[:, first:], prompt_mask=self.prompt_mask[:, first:])
+        return replace(self, **changes)
+
     def to(self, device: torch.device | str) -> "Experience":
         return replace(self, **{name: value.to(device) for name, value in self.tensors().items()})
 
@@ -135,3 +151,29 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int, length: int | Non
 
 
 __all__ = ["Experience", "pad_prompts", "pad_responses"]
+
+
+def packed_micro_batches(exp: Experience, micro_batch_size: int, by_length: bool = True
+                         ) -> list[tuple[torch.Tensor, Experience]]:
+    """Micro-batches of rows of similar length, each cut to its own longest prompt and response
+    (``Experience.trimmed``), with the indices of their rows in ``exp``: padding is not computed.
+
+    Which rows share a micro-batch does not change a loss of per-token weights (DESIGN.md: the sum over
+    micro-batches is the mini-batch objective), so rows are grouped by length, longest first.
+    ``by_length=False`` keeps consecutive rows together: ``token_mean_legacy`` weighs each micro-batch by
+    its own token count, computed for consecutive rows."""
+    if by_length:
+        order = torch.argsort(exp.attention_mask.sum(dim=1), descending=True, stable=True)
+    else:
+        order = torch.arange(len(exp))
+    return [(idx, exp.select(idx).trimmed()) for idx in order.split(micro_batch_size)]
+
+
+def padded_fraction(exp: Experience, micro_batch_size: int, ranks: int, by_length: bool = True) -> float:
+    """Share of the tokens computed that are padding, once each rank's shard is cut into
+    ``packed_micro_batches`` (what the forward and backward passes actually process)."""
+    computed = 0
+    for shard in exp.split([len(exp) // ranks + (r < len(exp) % ranks) for r in range(ranks)]):
+        for _, micro in packed_micro_batches(shard, micro_batch_size, by_length):
+            computed += micro.input_ids.numel()
+    return 1.0 - exp.attention_mask.sum().item() / max(computed, 1)

@@ -25,7 +25,7 @@ HARMLESS_PREFIXES = (
     "rollout.weight_sync_bucket_mb", "cluster.", "reward.num_workers", "reward.timeout_s",
     "reward.import_timeout_s", "reward.memory_limit_mb", "reward.cpu_time_limit_s", "actor.lr", "critic.lr",
     "actor.micro_batch_size", "critic.micro_batch_size", "reference.micro_batch_size", "reward.micro_batch_size",
-    "trainer.eval_pass_k", "reward.correct_score", "rollout.vllm.",
+    "trainer.eval_pass_k", "reward.correct_score", "rollout.vllm.", "trainer.loggers", "trainer.wandb_",
 )
 RANK_KEYS = ("actor.num_ranks", "critic.num_ranks")   # of the roles whose checkpoints are resumed
 

@@ -21,7 +21,7 @@ import torch
 
 from rlhf_ds.algo import (compute_advantages, kl_penalty, make_kl_controller,
                           reduce_metrics_across_minibatches, token_weights)
-from rlhf_ds.batch import Experience
+from rlhf_ds.batch import Experience, padded_fraction
 from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.prompts import PromptLoader, PromptRecord, encode_prompts
@@ -101,7 +101,7 @@ class RLTrainer:
             if retired:
                 print(f"a fresh run: moved the earlier run's checkpoints to {retired}")
         logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, self.cfg.summary_interval,
-                           self.show_progress, main=self.is_main)
+                           self.show_progress, main=self.is_main, config=self.cfg)
         if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
             logger.log(self.step, self.evaluate())
         stopped = None
@@ -153,6 +153,10 @@ class RLTrainer:
             metrics["rollout/logprob_diff_mean"] = gap_sum / max(gap_tokens, 1.0)
             metrics["rollout/logprob_diff_max"] = metrics.pop("actor/rollout_gap_max")
         metrics["perf/generated_tokens"] = exp.response_mask.sum().item()
+        # padding in what the actor's forward / backward passes compute (micro-batches packed by length)
+        metrics["perf/padded_fraction"] = padded_fraction(
+            exp, self.cfg.actor.micro_batch_size, self.cfg.actor.num_ranks,
+            by_length=self.cfg.algo.loss_reduction != "token_mean_legacy")
         metrics["data/epoch"], metrics["data/position"] = self.loader.epoch, self.loader.position
         # every real token (prompt and response) goes through forward and backward in each epoch
         metrics["perf/train_seq_tokens"] = exp.attention_mask.sum().item() * self.cfg.algo.epochs

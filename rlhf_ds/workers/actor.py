@@ -103,7 +103,7 @@ class ActorWorker(TrainableWorker):
             return actor_loss(self.engine, micro, algo, kl_coef=kl_coef, temperature=self.cfg.rollout.temperature,
                               device=device)
 
-        return sum_gradient_step(self.engine, shard.chunk(self.micro_batch_size), loss_fn, skips=self.skips,
+        return sum_gradient_step(self.engine, self.micro_batches(shard), loss_fn, skips=self.skips,
                                  role=self.role)
 
     def weight_manifest(self) -> list[ParamSpec]:

@@ -29,6 +29,14 @@ class EngineWorker:
     def micro_batch_size(self) -> int:
         return self.role_engine.micro_batch_size
 
+    def micro_batches(self, shard: Any) -> list:
+        """This rank's training micro-batches of ``shard``: packed by length, padding cut
+        (``batch.packed_micro_batches``)."""
+        from rlhf_ds.batch import packed_micro_batches
+
+        by_length = self.cfg.algo.loss_reduction != "token_mean_legacy"
+        return [micro for _, micro in packed_micro_batches(shard, self.micro_batch_size, by_length)]
+
 
 class TrainableWorker(EngineWorker):
     """A role with an optimizer: counts skipped steps, saves / loads / exports its state."""

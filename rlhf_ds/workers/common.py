@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from rlhf_ds.batch import Experience
+from rlhf_ds.batch import Experience, packed_micro_batches
 
 
 def model_inputs(exp: Experience, device: torch.device) -> dict[str, torch.Tensor]:
@@ -65,8 +65,19 @@ def last_token_index(exp: Experience) -> torch.Tensor:
 
 def in_micro_batches(fn: Callable[[Experience], torch.Tensor], exp: Experience, micro_batch_size: int
                      ) -> torch.Tensor:
-    """Apply ``fn`` to consecutive micro-batches of ``exp`` and concatenate the results on CPU."""
-    return torch.cat([fn(piece).detach().cpu() for piece in exp.chunk(micro_batch_size)], dim=0)
+    """Apply ``fn`` to the packed micro-batches of ``exp``; the results, [B] or [B, R] on CPU, back in
+    ``exp``'s row order (response positions past a micro-batch's own length are 0)."""
+    out = None
+    for idx, micro in packed_micro_batches(exp, micro_batch_size):
+        result = fn(micro).detach().cpu()
+        if out is None:
+            shape = (len(exp),) if result.dim() == 1 else (len(exp), exp.response_len)
+            out = torch.zeros(shape, dtype=result.dtype)
+        if result.dim() == 1:
+            out[idx] = result
+        else:
+            out[idx, :result.shape[1]] = result
+    return out
 
 
 def require_fields(role: str, exp: Experience, names: tuple[str, ...]) -> None:

@@ -48,6 +48,6 @@ class CriticWorker(TrainableWorker):
         Returns metrics combined over the data-parallel ranks."""
         require_fields(self.role, shard, ("values", "returns", "token_weights"))
         algo, device = self.cfg.algo, dist.get_device()
-        return sum_gradient_step(self.engine, shard.chunk(self.micro_batch_size),
+        return sum_gradient_step(self.engine, self.micro_batches(shard),
                                  lambda micro: critic_loss(self.engine, micro, algo, device=device),
                                  skips=self.skips, role=self.role)
