@@ -12,6 +12,7 @@ CORE = [
     "datasets",
     "pyarrow",
     "tensorboard",
+    "wandb>=0.31,<0.32",   # trainer.loggers=[..., wandb]; runs offline by default
     "tqdm",
     "matplotlib",
 ]
