@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Any, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -226,8 +226,3 @@ class VLLMRolloutEngine:
         if staging_dir:
             shutil.rmtree(staging_dir, ignore_errors=True)
 
-
-def describe_kwargs(kwargs: dict[str, Any]) -> str:
-    keys = ("dtype", "enforce_eager", "compilation_config", "tensor_parallel_size", "kv_cache_memory_bytes",
-            "gpu_memory_utilization", "enable_sleep_mode", "weight_transfer_config")
-    return ", ".join(f"{k}={kwargs[k]}" for k in keys if k in kwargs)

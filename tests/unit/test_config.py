@@ -33,7 +33,7 @@ def test_default_is_the_grpo_tiny_recipe():
     assert (cfg.algo.advantage_estimator, cfg.algo.loss_reduction, cfg.algo.kl_placement) == \
         ("grpo", "token_mean", "none")
     assert (cfg.data.prompts_per_step, cfg.rollout.n, cfg.rollout.backend) == (32, 8, "hf")
-    assert (cfg.actor.model_path, cfg.actor.num_ranks, cfg.actor.lr) == ("tiny:llama-arith", 1, 1e-4)
+    assert (cfg.actor.model_path, cfg.actor.num_ranks, cfg.actor.lr) == ("tiny:llama-arith", 1, 2e-4)
     assert cfg.data.train_path == "synthetic:multiplication"
 
 
