@@ -190,3 +190,11 @@ def test_nccl_ranks_of_several_engines():
     offsets = [vllm_transfer.engine_init_info(base, i, 4)["rank_offset"] for i in range(2)]
     assert offsets == [1, 5]   # engine 0's workers are NCCL ranks 1-4, engine 1's 5-8
     assert vllm_transfer.engine_init_info({"packed": False}, 1, 4) == {"packed": False}
+
+
+def test_vllm_under_the_launcher_on_cpu_is_refused_at_start_up():
+    from rlhf_ds.rollout.engines import rollout_engine_spec
+
+    cfg = _cfg("rollout.vllm.kv_cache_memory_bytes=1024", "cluster.launcher=deepspeed")
+    with pytest.raises(ValueError, match="external_launcher executor, which needs a GPU.*cluster.launcher=ray"):
+        rollout_engine_spec(cfg)
