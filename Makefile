@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo bench plan clean
+.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-sft train-rm bench plan clean
 
 install: $(STAMP)
 
@@ -46,6 +46,15 @@ train-grpo: install
 
 train-ppo: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds train ppo_tiny $(ARGS)
+
+## The supervised stages on the same ZeRO-3 engines and groups: SFT of the tiny model (-> outputs/sft_tiny/actor_hf,
+## an actor.model_path) and a reward model on correct-vs-wrong answers (-> outputs/rm_tiny/reward_hf, the
+## reward.model_path of `rlhf-ds train ppo_tiny_rm`).
+train-sft: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds sft sft_tiny $(ARGS)
+
+train-rm: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds rm rm_tiny $(ARGS)
 
 ## Our GRPO step against a single-process floor on the same fixed work (tiny and small models, HF and
 ## vLLM rollouts): step times, their ratio with its spread, stage shares, tokens/s, share of matmul peak.

@@ -101,6 +101,8 @@ class DataConfig:
     eval_path: str = option("", "held-out prompts; '' = the held-out split of the synthetic task")
     prompt_key: str = option("prompt", "column / JSON key holding the prompt text")
     answer_key: str = option("answer", "column / JSON key holding the reference answer")
+    chosen_key: str = option("chosen", "column / JSON key of the preferred response (`rlhf-ds rm` rows)")
+    rejected_key: str = option("rejected", "column / JSON key of the dispreferred response (`rlhf-ds rm` rows)")
     num_train: int = option(20000, "size of a synthetic task's train split", ge=1)
     num_eval: int = option(256, "held-out prompts used per evaluation", ge=1)
     task_seed: int = option(1234, "seed of the synthetic task generator and of its train / eval split")
@@ -202,13 +204,31 @@ class ClusterConfig:
 
 @dataclass(frozen=True)
 class SftConfig:
-    """Supervised warm start of the actor before RL (cached)."""
+    """Supervised fine-tuning of the actor: `rlhf-ds sft`, and the warm start before RL (cached). The
+    actor's engine settings apply (ranks, micro-batch, ds_config, AdamW settings, lr_schedule)."""
     steps: int = option(0, "maximum SFT optimizer steps; 0 = no warm start", ge=0)
-    lr: float = option(3e-3, "SFT learning rate", gt=0)
-    batch_size: int = option(128, "sequences per SFT step", ge=1)
+    lr: float = option(3e-3, "SFT peak learning rate (instead of actor.lr)", gt=0)
+    batch_size: int = option(128, "sequences per SFT step (global, all ranks)", ge=1)
     target_eval_accuracy: float = option(0.5, "stop once held-out accuracy (the run's rewards reaching "
                                                    "reward.correct_score) reaches this", ge=0, le=1)
     eval_interval: int = option(25, "SFT steps between held-out evaluations", ge=1)
+    save_interval: int = option(0, "SFT steps between checkpoints of `rlhf-ds sft` (the RL warm start keeps "
+                                   "only its cached result); 0 = only at the end", ge=0)
+
+
+@dataclass(frozen=True)
+class RmConfig:
+    """Reward-model training (`rlhf-ds rm`): the model at reward.model_path (reward.num_ranks,
+    reward.micro_batch_size pairs per forward) trained on preference pairs with a Bradley-Terry loss."""
+    steps: int = option(0, "optimizer steps of `rlhf-ds rm`; 0 = no reward-model training configured", ge=0)
+    lr: float = option(1e-3, "peak learning rate (AdamW)", gt=0)
+    lr_schedule: LrSchedule = option("constant", "learning-rate decay after warm-up")
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up from 0", ge=0)
+    weight_decay: float = option(0.0, "AdamW decoupled weight decay", ge=0)
+    batch_size: int = option(64, "preference pairs per optimizer step (global, all ranks)", ge=1)
+    ds_config: str = option(TRAIN_DS_CONFIG, "DeepSpeed JSON template of the trained reward model")
+    eval_interval: int = option(50, "steps between held-out pairwise-accuracy evaluations", ge=1)
+    save_interval: int = option(0, "steps between checkpoints; 0 = only at the end", ge=0)
 
 
 @dataclass(frozen=True)
@@ -237,7 +257,8 @@ class TrainerConfig:
     wandb_run_name: str = option("", "W&B run name; '' = the last folder of trainer.output_dir")
     wandb_mode: WandbMode = option("offline", "W&B mode (wins over WANDB_MODE); offline writes the run "
                                               "under output_dir/wandb (or WANDB_DIR) for `wandb sync`")
-    sft: SftConfig = section(SftConfig, "supervised warm start")
+    sft: SftConfig = section(SftConfig, "supervised fine-tuning (`rlhf-ds sft`, the RL warm start)")
+    rm: RmConfig = section(RmConfig, "reward-model training (`rlhf-ds rm`)")
 
 
 # ----------------------------------------------------------------------------- the root
@@ -481,6 +502,19 @@ def _logging_rules(cfg: Config):
                f"others next to it (valid loggers: {', '.join(RUN_LOGGERS)})")
 
 
+def _stage_rules(cfg: Config):
+    """The SFT and reward-model stages give every rank a share of each mini-batch (rows / pairs)."""
+    sft, rm = cfg.trainer.sft, cfg.trainer.rm
+    if sft.steps and sft.batch_size < cfg.actor.num_ranks:
+        yield (f"trainer.sft.batch_size={sft.batch_size} must be at least actor.num_ranks={cfg.actor.num_ranks} "
+               f"(every rank trains a share of the SFT mini-batch)")
+    if rm.steps and not cfg.reward.model_path:
+        yield "trainer.rm.steps > 0 trains the reward model at reward.model_path: set it"
+    if rm.steps and rm.batch_size < cfg.reward.num_ranks:
+        yield (f"trainer.rm.batch_size={rm.batch_size} must be at least reward.num_ranks={cfg.reward.num_ranks} "
+               f"(every rank trains a share of the pairs)")
+
+
 def _roles_in_use(cfg: Config) -> list[str]:
     roles = list(cfg.trainable_roles)
     roles += ["reference"] if cfg.needs_reference else []
@@ -488,7 +522,7 @@ def _roles_in_use(cfg: Config) -> list[str]:
 
 
 _RULES = (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules,
-          _logging_rules)
+          _logging_rules, _stage_rules)
 
 
 def validate(cfg: Config) -> None:

@@ -1,4 +1,4 @@
-"""`rlhf-ds train|sft|bench`: the commands that start work. Heavy imports (torch, ray, deepspeed) stay
+"""`rlhf-ds train|sft|rm|bench`: the commands that start work. Heavy imports (torch, ray, deepspeed) stay
 inside the run functions, so `rlhf-ds --help` and `rlhf-ds config ...` stay fast."""
 from __future__ import annotations
 
@@ -33,14 +33,41 @@ def _run_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _stage_line(summary: dict, what: str) -> str:
+    first, last = summary.get("first_eval"), summary.get("last_eval")
+    line = f"{summary.get('eval_key', 'eval')}"
+    if first and last:
+        line += f" {first['accuracy']:.3f} (step {first['step']}) -> {last['accuracy']:.3f} (step {last['step']})"
+    return f"{line}; total {summary['total_wall_time_s']:.0f} s; {what}: {summary['export']}"
+
+
 def _run_sft(ns: argparse.Namespace) -> int:
-    from rlhf_ds.trainer.sft_trainer import run_sft
+    from rlhf_ds.cluster.env import process_rank
+    from rlhf_ds.trainer.sft_stage import run_sft_stage
 
     cfg = _config(ns)
     if cfg.trainer.sft.steps == 0:
-        print("trainer.sft.steps=0: no warm start configured")
+        print("trainer.sft.steps=0: no SFT stage configured")
         return 0
-    print(run_sft(cfg))
+    summary = run_sft_stage(cfg, show_progress=not ns.no_progress,
+                            log=print if process_rank() == 0 else (lambda *_: None))
+    if process_rank() == 0:
+        print("held-out " + _stage_line(summary, "final actor"))
+    return 0
+
+
+def _run_rm(ns: argparse.Namespace) -> int:
+    from rlhf_ds.cluster.env import process_rank
+    from rlhf_ds.trainer.rm_stage import run_rm_stage
+
+    cfg = _config(ns)
+    if cfg.trainer.rm.steps == 0:
+        print("trainer.rm.steps=0: no reward-model training configured")
+        return 0
+    summary = run_rm_stage(cfg, show_progress=not ns.no_progress,
+                           log=print if process_rank() == 0 else (lambda *_: None))
+    if process_rank() == 0:
+        print("held-out " + _stage_line(summary, "reward model (reward.model_path)"))
     return 0
 
 
@@ -85,7 +112,10 @@ def _run_bench(ns: argparse.Namespace) -> int:
 RUN_COMMANDS = {
     "train": Command("run RL training: `train [CONFIG] [key=value ...]` (SFT warm start first when "
                      "trainer.sft.steps > 0, cached)", _add, _run_train),
-    "sft": Command("run (or reuse) the SFT warm start of CONFIG and print its directory", _add, _run_sft),
+    "sft": Command("supervised fine-tuning of the actor on ZeRO-3 engines: `sft [CONFIG] [key=value ...]` "
+                   "(trainer.sft; the trained actor goes to OUTPUT_DIR/actor_hf)", _add, _run_sft),
+    "rm": Command("reward-model training on preference pairs: `rm [CONFIG] [key=value ...]` (trainer.rm; the "
+                  "model goes to OUTPUT_DIR/reward_hf, for reward.model_path)", _add, _run_rm),
     "bench": Command("our GRPO step against a single-process floor on a fixed workload (tiny and small models, "
                      "each backend), or `bench CONFIG` to time one config", _add_bench, _run_bench),
 }

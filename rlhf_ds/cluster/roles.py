@@ -1,6 +1,7 @@
 """Start the role groups of a run: Ray groups (one controller) or SPMD groups (deepspeed launcher).
 
-``build_roles`` is the one place that knows ``cluster.launcher``; everything after it sees
+``build_roles`` (and ``build_stage_roles``, the one trainable role of an SFT or reward-model stage) is
+the one place that knows ``cluster.launcher``; everything after it sees
 :class:`Roles`: one group (``cluster.group.Group``) per role in use, and ``is_main``, whether this
 process writes logs and files. Roles that a config does not use (critic without GAE, reference without
 KL, reward model without ``reward.use_model``) are not started at all.
@@ -87,7 +88,28 @@ def build_roles(cfg: Config, total_steps: int) -> Roles:
     return roles
 
 
-def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
+def build_stage_roles(cfg: Config, role: str, worker_cls: type, total_steps: int, *, with_rollout: bool) -> Roles:
+    """Start the one trainable role of a training stage (SFT, reward-model training) as ``worker_cls``
+    workers, with the rollout engines when the stage evaluates by generating, and build its model.
+
+    The same start-up as ``build_roles`` (Ray groups, or SPMD groups under the deepspeed launcher); the
+    group is ``getattr(roles, role)``. total_steps: optimizer steps of the stage, for its lr schedule."""
+    ranks = {role: getattr(cfg, role).num_ranks, "rollout": cfg.rollout.num_engines if with_rollout else 0}
+
+    def spec(cfg: Config, name: str) -> tuple[Callable, tuple]:
+        return (worker_cls, (cfg,)) if name == role else _worker_spec(cfg, name)
+
+    build = _build_ray if cfg.cluster.launcher == "ray" else _build_spmd
+    roles = build(cfg, ranks, spec)
+    try:
+        getattr(roles, role).run_all("init_model", total_steps)
+    except BaseException:
+        roles.shutdown()
+        raise
+    return roles
+
+
+def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
     import ray
 
     from rlhf_ds.cluster.placement import plan_placement
@@ -111,7 +133,7 @@ def _build_ray(cfg: Config, ranks: dict[str, int]) -> Roles:
         for name, n in ranks.items():
             if n == 0:
                 continue
-            cls, args = _worker_spec(cfg, name)
+            cls, args = spec(cfg, name)
             group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
                               env=dict(worker_env(), OMP_NUM_THREADS=str(threads[name])),
                               call_timeout_s=cfg.cluster.call_timeout_s)
@@ -135,7 +157,7 @@ def check_spmd_ranks(ranks: dict[str, int], world_size: int) -> None:
                          f"{max(wrong.values())} processes (deepspeed --num_gpus, or the hostfile's slots)")
 
 
-def _build_spmd(cfg: Config, ranks: dict[str, int]) -> Roles:
+def _build_spmd(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
     from rlhf_ds.cluster.spmd_group import SpmdGroup
     from rlhf_ds.engine.dist import any_rank, dp_size, init_distributed
 
@@ -146,7 +168,7 @@ def _build_spmd(cfg: Config, ranks: dict[str, int]) -> Roles:
         if n == 0:
             continue
         # SPMD: every rank owns one rollout engine, whatever rollout.num_engines says
-        cls, args = _worker_spec(cfg, name)
+        cls, args = spec(cfg, name)
         group = SpmdGroup(name, cls, worker_args=args)
         roles._cleanup.append(group.shutdown)
         setattr(roles, name, group)

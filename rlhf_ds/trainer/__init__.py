@@ -1,1 +1,2 @@
-"""The loops (RL, and the SFT warm start), what a run logs, and run checkpoints."""
+"""The loops (RL; the SFT and reward-model stages, and the cached SFT warm start of RL), what a run logs,
+and run checkpoints."""

@@ -19,12 +19,12 @@ def with_warm_start(cfg: Config, log: Log = print) -> Config:
     """Run (or reuse) the SFT warm start; roles that started from the actor's model start from its result."""
     if cfg.trainer.sft.steps == 0:
         return cfg
-    from rlhf_ds.trainer.sft_trainer import run_sft, wait_for_sft
+    from rlhf_ds.trainer.sft_trainer import run_sft
 
-    # Under the deepspeed launcher rank 0 trains and the other ranks wait for its cached result (the
-    # Ray driver is rank 0).
+    # The SFT stage is collective: under the deepspeed launcher every rank trains, rank 0 publishes the
+    # cached result (the Ray driver is rank 0).
     base = cfg.actor.model_path
-    warm = wait_for_sft(cfg) if process_rank() > 0 else run_sft(cfg, log)
+    warm = run_sft(cfg, log if process_rank() == 0 else (lambda *_: None))
     overrides = [f"{role}.model_path={warm}" for role in ("actor", "reference", "critic")
                  if getattr(cfg, role).model_path == base]
     # The resolved config saved with the run starts from the warm model: re-running it must not warm-start twice.
