@@ -321,10 +321,10 @@ def start_ray(address: str, num_cpus_needed: float) -> bool:
 def worker_env() -> dict[str, str]:
     """Environment every worker process starts with (one thread each: 2 cores are shared by all)."""
     env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-           # idle OpenMP threads sleep instead of spinning: a worker waiting for the next stage must not
-           # keep a core busy while another worker computes on it
-           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):   # OpenMP's idle-thread policy, when the user sets one
+        if name in os.environ:
+            env[name] = os.environ[name]
     if "DS_ACCELERATOR" in os.environ:
         env["DS_ACCELERATOR"] = os.environ["DS_ACCELERATOR"]
     return env
