@@ -52,6 +52,9 @@ class Roles:
     # any_process(flag): True on every controller when it is True on one (SPMD ranks must agree on
     # when to stop; a single Ray driver agrees with itself)
     any_process: Callable[[bool], bool] = bool
+    # from_main(fn): fn() run by the main process alone, its result returned on every controller (SPMD
+    # ranks must train on identical rewards even when a reward function times out on one of them)
+    from_main: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
     _cleanup: list = field(default_factory=list)
 
     def trainable(self) -> dict[str, Group]:
@@ -159,11 +162,12 @@ def check_spmd_ranks(ranks: dict[str, int], world_size: int) -> None:
 
 def _build_spmd(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
     from rlhf_ds.cluster.spmd_group import SpmdGroup
-    from rlhf_ds.engine.dist import any_rank, dp_size, init_distributed
+    from rlhf_ds.engine.dist import any_rank, dp_size, init_distributed, on_rank0_shared
 
     init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
     check_spmd_ranks(ranks, dp_size())   # before any worker is built: every rank raises the same error
-    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0, any_process=any_rank)
+    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0, any_process=any_rank,
+                  from_main=on_rank0_shared)
     for name, n in ranks.items():
         if n == 0:
             continue

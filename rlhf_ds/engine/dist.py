@@ -102,3 +102,35 @@ def any_rank(flag: bool) -> bool:
 def max_over_ranks(value: int) -> int:
     t = torch.tensor([float(value)], device=get_device())
     return int(all_reduce_(t, "max").item())
+
+
+class SharedCallError(RuntimeError):
+    """A call that ``on_rank0_shared`` ran on rank 0 raised; every rank raises this with its message."""
+
+
+def on_rank0_shared(fn):
+    """``fn()`` run on rank 0 alone, its result broadcast to every rank (picklable); without a process
+    group, just ``fn()``.
+
+    For work whose result must be identical on every rank and that may differ when repeated (reward
+    functions with time limits, sandboxes). An exception on rank 0 reaches every rank as a
+    :class:`SharedCallError` (rank 0 re-raises the original), so no rank waits at a broadcast forever.
+    """
+    if dp_size() == 1:
+        return fn()
+    payload: list = [None]
+    error = None
+    if dp_rank() == 0:
+        try:
+            payload[0] = ("ok", fn())
+        except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised
+            error = err
+            payload[0] = ("error", f"{type(err).__name__}: {err}")
+    device = get_device() if backend_name() == "nccl" else None
+    torch_dist.broadcast_object_list(payload, src=0, device=device)
+    status, value = payload[0]
+    if status == "ok":
+        return value
+    if error is not None:
+        raise error
+    raise SharedCallError(f"rank 0 failed in a call whose result every rank shares: {value}")

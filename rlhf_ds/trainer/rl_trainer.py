@@ -73,7 +73,10 @@ class RLTrainer:
         self.eval_records = eval_records
         self.eval_prompts = encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
         encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len)  # too long: fail now
-        self.reward_runner = reward_runner
+        # rule rewards are computed once, by the main process, and shared: under the deepspeed launcher
+        # every rank must train on the same rewards, even when a reward function times out on one rank
+        self.reward_runner = None if reward_runner is None else (
+            lambda *args: roles.from_main(lambda: reward_runner(*args)))
         algo = cfg.algo
         self.kl = make_kl_controller(algo.kl_coef, adaptive=algo.adaptive_kl, target=algo.kl_target,
                                      horizon=algo.kl_horizon)
