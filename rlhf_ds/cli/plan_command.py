@@ -10,6 +10,7 @@ import argparse
 
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
 from rlhf_ds.config import DEFAULT_RECIPE, ConfigError
+from rlhf_ds.plan.planner import STAGES
 
 
 def _add(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,9 @@ def _add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-memory-gib", type=float, default=None,
                         help="host memory per node (default: this machine's)")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node with --gpu-memory-gib")
+    parser.add_argument("--stage", choices=STAGES, default="rl",
+                        help="what to plan: the RL run (`train`, default), the SFT stage (`sft`) or "
+                             "reward-model training (`rm`)")
 
 
 def _target(ns: argparse.Namespace):
@@ -47,15 +51,15 @@ def _run(ns: argparse.Namespace) -> int:
     cfg = config_from_args(ns)
     target = _target(ns)
     try:
-        plan = plan_run(cfg, target)
-        fixes = [] if plan.fits else suggest_fixes(cfg, plan, target)
+        plan = plan_run(cfg, target, ns.stage)
+        fixes = [] if plan.fits else suggest_fixes(cfg, plan, target, stage=ns.stage)
     except ShapeError as err:
         raise ConfigError(str(err)) from None
-    print(render(plan, fixes, split_config_args(ns.config_args)[0] or DEFAULT_RECIPE, role_lines(cfg, target)))
+    print(render(plan, fixes, split_config_args(ns.config_args)[0] or DEFAULT_RECIPE, role_lines(cfg, target, ns.stage)))
     return 0 if plan.fits else 1
 
 
 PLAN_COMMANDS = {
     "plan": Command("say whether a run fits, per role and device, and which changes make it fit: "
-                    "`plan [CONFIG] [key=value ...] [--gpu-memory-gib N]`", _add, _run),
+                    "`plan [CONFIG] [key=value ...] [--gpu-memory-gib N] [--stage rl|sft|rm]`", _add, _run),
 }

@@ -43,12 +43,14 @@ def _stage_line(summary: dict, what: str) -> str:
 
 def _run_sft(ns: argparse.Namespace) -> int:
     from rlhf_ds.cluster.env import process_rank
+    from rlhf_ds.plan.planner import check_fits
     from rlhf_ds.trainer.sft_stage import run_sft_stage
 
     cfg = _config(ns)
     if cfg.trainer.sft.steps == 0:
         print("trainer.sft.steps=0: no SFT stage configured")
         return 0
+    check_fits(cfg, stage="sft")   # before any engine starts
     summary = run_sft_stage(cfg, show_progress=not ns.no_progress,
                             log=print if process_rank() == 0 else (lambda *_: None))
     if process_rank() == 0:
@@ -58,12 +60,14 @@ def _run_sft(ns: argparse.Namespace) -> int:
 
 def _run_rm(ns: argparse.Namespace) -> int:
     from rlhf_ds.cluster.env import process_rank
+    from rlhf_ds.plan.planner import check_fits
     from rlhf_ds.trainer.rm_stage import run_rm_stage
 
     cfg = _config(ns)
     if cfg.trainer.rm.steps == 0:
         print("trainer.rm.steps=0: no reward-model training configured")
         return 0
+    check_fits(cfg, stage="rm")   # before any engine starts
     summary = run_rm_stage(cfg, show_progress=not ns.no_progress,
                            log=print if process_rank() == 0 else (lambda *_: None))
     if process_rank() == 0:

@@ -100,22 +100,22 @@ def _total_shortfall(plan: Plan) -> int:
     return sum(device.shortfall for device in plan.devices)
 
 
-def suggest_fixes(cfg: Config, plan: Plan, target: Target, limit: int = 5) -> list[Fix]:
-    """Up to ``limit`` single changes that make the run fit, cheapest first. When none does alone, one
-    greedy combination: it fits, or it is the closest found (its plan says what is still short); empty
-    when no change helps at all."""
+def suggest_fixes(cfg: Config, plan: Plan, target: Target, limit: int = 5, stage: str = "rl") -> list[Fix]:
+    """Up to ``limit`` single changes that make the run (its ``stage``) fit, cheapest first. When none does
+    alone, one greedy combination: it fits, or it is the closest found (its plan says what is still short);
+    empty when no change helps at all."""
     tried: list[tuple[Change, Plan]] = []
     for change in candidate_changes(cfg, plan):
         changed = _apply(cfg, list(change.overrides))
         if changed is not None:
-            tried.append((change, plan_run(changed, target)))
+            tried.append((change, plan_run(changed, target, stage)))
     fits = sorted((t for t in tried if t[1].fits), key=lambda t: (t[0].rank, t[1].worst_shortfall))
     if fits:
         return [Fix((change,), new_plan) for change, new_plan in fits[:limit]]
-    return _combined(cfg, plan, target)
+    return _combined(cfg, plan, target, stage)
 
 
-def _combined(cfg: Config, plan: Plan, target: Target) -> list[Fix]:
+def _combined(cfg: Config, plan: Plan, target: Target, stage: str) -> list[Fix]:
     """Greedy: each round, the change that cuts the total shortfall most (the cheaper one on a tie)."""
     chosen: list[Change] = []
     current_cfg, current = cfg, plan
@@ -125,7 +125,7 @@ def _combined(cfg: Config, plan: Plan, target: Target) -> list[Fix]:
             changed = _apply(current_cfg, list(change.overrides))
             if changed is None:
                 continue
-            new_plan = plan_run(changed, target)
+            new_plan = plan_run(changed, target, stage)
             key = (_total_shortfall(new_plan), change.rank)
             if key[0] < _total_shortfall(current) and (best is None or key < best[0]):
                 best = (key, change, changed, new_plan)

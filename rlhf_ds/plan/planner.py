@@ -111,22 +111,23 @@ class Plan:
 
 # ----------------------------------------------------------------------------- processes of a run
 
-def _role_processes(cfg: Config, role: str, ranks: int, on_gpu: bool) -> list[Process]:
+def _role_processes(cfg: Config, role: str, ranks: int, on_gpu: bool, trainable: bool) -> list[Process]:
     from rlhf_ds.engine.build import CAUSAL_ROLES
     from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
 
     role_cfg = getattr(cfg, role)
     ds = role_ds_config(cfg, role, ranks, on_gpu)
     dtype = memory.dtype_bytes_of(resolve_precision(cfg.precision, on_gpu))
-    trainable = role in TRAINABLE_ROLES
     causal = role in CAUSAL_ROLES
     shape = model_shape(role_cfg.model_path, value_head=not causal)
+    micro_batch = int(ds["train_micro_batch_size_per_gpu"])
+    if trainable and role == "reward":   # reward-model training: one forward scores chosen and rejected
+        micro_batch *= 2
     usage = memory.engine_rank_usage(
         shape, dp=ranks, dtype_bytes=dtype, zero=memory.ZeroSettings.from_ds_config(ds), trainable=trainable,
-        micro_batch=int(ds["train_micro_batch_size_per_gpu"]),
-        seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
+        micro_batch=micro_batch, seq_len=cfg.rollout.max_prompt_len + cfg.rollout.max_response_len,
         response_len=cfg.rollout.max_response_len, causal_lm=causal,
-        checkpointing=trainable and role_cfg.gradient_checkpointing)
+        checkpointing=trainable and getattr(role_cfg, "gradient_checkpointing", False))
     return [Process(f"{role} rank {r}", role, usage) for r in range(ranks)]
 
 
@@ -152,40 +153,61 @@ def _rollout_processes(cfg: Config, engines: int, target: Target) -> list[Proces
     return [Process(f"rollout engine {e}", "rollout", usage) for e in range(engines)]
 
 
-def run_processes(cfg: Config, target: Target) -> dict[str, list[Process]]:
-    """Every process the run starts, by role (rank order); the rollout engines are the role ``rollout``."""
+# What each stage starts: `rlhf-ds train` (RL), `rlhf-ds sft` (the actor and the engines that evaluate it),
+# `rlhf-ds rm` (the reward model alone), and which of its roles train (optimizer states, gradients).
+STAGES = ("rl", "sft", "rm")
+
+
+def stage_ranks(cfg: Config, stage: str) -> tuple[dict[str, int], frozenset[str]]:
+    """(ranks per role, the roles that train) of ``stage``; the rollout engines are the role ``rollout``."""
     from rlhf_ds.cluster.roles import role_ranks
 
-    ranks = role_ranks(cfg)
-    if cfg.cluster.launcher == "deepspeed":
+    if stage == "rl":
+        ranks, trainable = role_ranks(cfg), frozenset(TRAINABLE_ROLES)
+    elif stage == "sft":
+        ranks, trainable = {"actor": cfg.actor.num_ranks, "rollout": cfg.rollout.num_engines}, frozenset({"actor"})
+    elif stage == "rm":
+        ranks, trainable = {"reward": cfg.reward.num_ranks, "rollout": 0}, frozenset({"reward"})
+    else:
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
+    if cfg.cluster.launcher == "deepspeed" and ranks["rollout"]:
         ranks["rollout"] = cfg.actor.num_ranks     # one engine per launcher rank
-    out = {role: _role_processes(cfg, role, n, target.on_gpu) for role, n in ranks.items()
+    return ranks, trainable
+
+
+def run_processes(cfg: Config, target: Target, stage: str = "rl") -> dict[str, list[Process]]:
+    """Every process ``stage`` starts, by role (rank order); the rollout engines are the role ``rollout``."""
+    ranks, trainable = stage_ranks(cfg, stage)
+    out = {role: _role_processes(cfg, role, n, target.on_gpu, role in trainable) for role, n in ranks.items()
            if n and role != "rollout"}
-    out["rollout"] = _rollout_processes(cfg, ranks["rollout"], target)
+    if ranks["rollout"]:
+        out["rollout"] = _rollout_processes(cfg, ranks["rollout"], target)
     return out
 
 
-def role_lines(cfg: Config, target: Target) -> list[str]:
-    """What each role in use runs with: ranks, ds_config, precision, micro-batch, sequence lengths."""
-    from rlhf_ds.cluster.roles import role_ranks
+def role_lines(cfg: Config, target: Target, stage: str = "rl") -> list[str]:
+    """What each role of ``stage`` runs with: ranks, ds_config, precision, micro-batch, sequence lengths."""
     from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
 
     precision = resolve_precision(cfg.precision, target.on_gpu)
     seq = f"{cfg.rollout.max_prompt_len} prompt + {cfg.rollout.max_response_len} response tokens"
+    ranks, trainable = stage_ranks(cfg, stage)
     lines = []
-    for role, ranks in role_ranks(cfg).items():
-        if not ranks or role == "rollout":
+    for role, n in ranks.items():
+        if not n or role == "rollout":
             continue
-        ds = role_ds_config(cfg, role, ranks, target.on_gpu)
+        ds = role_ds_config(cfg, role, n, target.on_gpu)
         zero = memory.ZeroSettings.from_ds_config(ds)
         offload = [name for name, on in (("optimizer", zero.offload_optimizer), ("parameters", zero.offload_param))
                    if on]
-        lines.append(f"{role}: {ranks} rank(s), {getattr(cfg, role).ds_config} "
+        lines.append(f"{role}: {n} rank(s){', trained' if role in trainable else ''}, {getattr(cfg, role).ds_config} "
                      f"(offload: {', '.join(offload) or 'none'}), {precision}, micro-batch "
                      f"{ds['train_micro_batch_size_per_gpu']}, {seq}, model {getattr(cfg, role).model_path}")
-    engines = cfg.actor.num_ranks if cfg.cluster.launcher == "deepspeed" else cfg.rollout.num_engines
-    lines.append(f"rollout: {engines} {cfg.rollout.backend} engine(s), {cfg.rollout.n} samples x "
-                 f"{cfg.data.prompts_per_step} prompts per step, {seq}")
+    if ranks["rollout"] and stage == "rl":
+        lines.append(f"rollout: {ranks['rollout']} {cfg.rollout.backend} engine(s), {cfg.rollout.n} samples x "
+                     f"{cfg.data.prompts_per_step} prompts per step, {seq}")
+    elif ranks["rollout"]:
+        lines.append(f"rollout: {ranks['rollout']} {cfg.rollout.backend} engine(s) for held-out evaluation, {seq}")
     return lines
 
 
@@ -204,9 +226,10 @@ def _gpu_of_each_process(cfg: Config, processes: dict[str, list[Process]]) -> di
     return {role: [first_gpu[p.pool] + b for b in p.bundle_indices] for role, p in placement.roles.items()}
 
 
-def plan_run(cfg: Config, target: Target) -> Plan:
-    """Where every process of ``cfg`` keeps its bytes, and whether each device holds them."""
-    processes = run_processes(cfg, target)
+def plan_run(cfg: Config, target: Target, stage: str = "rl") -> Plan:
+    """Where every process of ``cfg``'s ``stage`` (:data:`STAGES`) keeps its bytes, and whether each device
+    holds them."""
+    processes = run_processes(cfg, target, stage)
     if not target.on_gpu:
         host = DevicePlan("host", target.host_memory)
         for procs in processes.values():
@@ -235,9 +258,9 @@ class PlanError(ConfigError):
     """A run that cannot fit the machine it is about to start on."""
 
 
-def check_fits(cfg: Config, log=print) -> None:
-    """``rlhf-ds train`` runs this first: refuse a run that cannot fit this machine, naming the device,
-    its roles and the shortfall (``trainer.skip_plan=true`` skips the check)."""
+def check_fits(cfg: Config, log=print, stage: str = "rl") -> None:
+    """``rlhf-ds train`` / ``sft`` / ``rm`` run this first: refuse a run that cannot fit this machine, naming
+    the device, its roles and the shortfall (``trainer.skip_plan=true`` skips the check)."""
     if cfg.trainer.skip_plan:
         return
     if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
@@ -247,7 +270,7 @@ def check_fits(cfg: Config, log=print) -> None:
     from rlhf_ds.plan.report import shortfall_message
 
     target = local_target()
-    plan = plan_run(cfg, target)
+    plan = plan_run(cfg, target, stage)
     if not plan.fits:
         raise PlanError(f"the run does not fit {target.describe()}: {shortfall_message(plan)}. "
                         f"`rlhf-ds plan` with the same config and overrides shows the breakdown and the "

@@ -9,7 +9,7 @@ from rlhf_ds.plan import planner
 from rlhf_ds.plan.advice import suggest_fixes
 from rlhf_ds.plan.memory import (GiB, ZeroSettings, activation_bytes, engine_rank_usage, model_state_bytes,
                                  partition_numel)
-from rlhf_ds.plan.planner import PlanError, Target, check_fits, plan_run
+from rlhf_ds.plan.planner import PlanError, Target, check_fits, plan_run, role_lines
 from rlhf_ds.plan.shapes import ShapeError, model_shape
 
 
@@ -140,7 +140,7 @@ def test_cli_plan_prints_the_breakdown_and_exits_1_when_it_does_not_fit(capsys):
     assert cli.main(["plan", "grpo_tiny", "--host-memory-gib", "16"]) == 0
     out = capsys.readouterr().out
     assert "actor rank 0" in out and "optimizer states (partition)" in out and "verdict: the run fits." in out
-    assert "actor: 1 rank(s), ds_configs/zero3_train.json (offload: none), fp32, micro-batch 64" in out
+    assert "actor: 1 rank(s), trained, ds_configs/zero3_train.json (offload: none), fp32, micro-batch 64" in out
     qwen = ["plan", "grpo_qwen2.5_1.5b_gsm8k", "actor.model_path=shape:qwen2.5-1.5b",
             "reference.model_path=shape:qwen2.5-1.5b"]
     assert cli.main(qwen + ["--gpu-memory-gib", "24"]) == 1
@@ -159,3 +159,35 @@ def test_unknown_models_are_named_with_the_valid_choices(capsys):
     assert "cannot read the HF config of '/nowhere/model'" in capsys.readouterr().err
     assert cli.main(["plan", "--gpu-memory-gib", "-1"]) == 2
     assert "--gpu-memory-gib must be > 0, got -1.0" in capsys.readouterr().err
+
+
+def test_sft_and_reward_model_stages_plan_only_what_they_start():
+    """`rlhf-ds sft` starts the trained actor and the engines that evaluate it; `rlhf-ds rm` the trained
+    reward model alone (its forward scores chosen and rejected together): the plans say so, and a stage
+    that cannot fit is refused before anything starts."""
+    target = Target(80 * GiB, 1024 * GiB)
+    cfg = _gsm8k("reward.use_model=true", "reward.model_path=shape:qwen2.5-1.5b", "reward.num_ranks=2")
+    rl = {d.name: d.roles() for d in plan_run(cfg, target).devices if d.name.startswith("gpu")}
+    sft = {d.name: d.roles() for d in plan_run(cfg, target, "sft").devices if d.name.startswith("gpu")}
+    rm_plan = plan_run(cfg, target, "rm")
+    rm = {d.name: d.roles() for d in rm_plan.devices if d.name.startswith("gpu")}
+    assert "reward" in {r for roles in rl.values() for r in roles}
+    assert {r for roles in sft.values() for r in roles} == {"actor", "rollout"}
+    assert rm == {"gpu 0": ["reward"], "gpu 1": ["reward"]}
+    trained = dict(next(d for d in rm_plan.devices if d.name == "gpu 0").parts[0][2])
+    inference = dict(next(d for d in plan_run(cfg, target).devices if "reward" in d.roles()).parts[0][2])
+    assert "optimizer states" in " ".join(trained) and "optimizer states" not in " ".join(inference)
+    lines = role_lines(cfg, target, "rm")
+    assert len(lines) == 1 and lines[0].startswith("reward: 2 rank(s), trained")
+    with pytest.raises(ValueError, match="unknown stage 'ppo'; valid stages: rl, sft, rm"):
+        plan_run(cfg, target, "ppo")
+
+
+def test_stage_commands_refuse_a_stage_that_cannot_fit(monkeypatch, capsys):
+    monkeypatch.setattr(planner, "local_target", lambda: Target(0, 256 * 2 ** 20))   # a 256 MiB host
+    assert cli.main(["sft", "sft_tiny"]) != 0
+    err = capsys.readouterr().err
+    assert "does not fit CPU" in err and "host (actor, rollout) needs" in err
+    assert cli.main(["rm", "rm_tiny"]) != 0
+    assert "host (reward) needs" in capsys.readouterr().err
+    assert cli.main(["plan", "rm_tiny", "--stage", "rm", "--host-memory-gib", "16"]) == 0
