@@ -89,3 +89,10 @@ DEFAULT_LOGGERS: tuple[RunLoggerName, ...] = ("jsonl", "tensorboard")
 # wandb.init(mode=...): offline writes the run under the output dir and never needs the network.
 WandbMode = Literal["online", "offline", "disabled"]
 WANDB_MODES: tuple[str, ...] = get_args(WandbMode)
+
+# ----------------------------------------------------------------------------- stages
+
+# What a command runs: the RL loop (`rlhf-ds train`), or one training stage alone (`rlhf-ds sft`, `rlhf-ds rm`).
+# Each validates its config by its own rules and plans only the processes it starts.
+Stage = Literal["rl", "sft", "rm"]
+STAGES: tuple[str, ...] = get_args(Stage)

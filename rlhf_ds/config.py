@@ -23,7 +23,7 @@ from rlhf_ds.choices import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, PRESCALE
                              TOKEN_REWARD_ESTIMATORS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode,
                              KlEstimator, KlPlacement, Launcher, LossReduction, LrSchedule,
                              NonfiniteScorePolicy, PlacementStrategy, PolicyLoss, Precision, RolloutBackend)
-from rlhf_ds.choices import (DEFAULT_LOGGERS, REQUIRED_LOGGER, RUN_LOGGERS, RunLoggerName,
+from rlhf_ds.choices import (DEFAULT_LOGGERS, REQUIRED_LOGGER, RUN_LOGGERS, RunLoggerName, Stage,
                              WandbMode)
 from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
                                    section, to_plain, yaml_dump, yaml_load)
@@ -347,20 +347,22 @@ def _read_config_text(path: str | None) -> tuple[str, str]:
     raise ConfigError(f"config file not found: {path!r}; shipped recipes: {', '.join(list_recipes())}")
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML file (or a shipped recipe name; None = grpo_tiny), apply overrides, validate."""
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = (), stage: Stage = "rl"
+                ) -> Config:
+    """Load a YAML file (or a shipped recipe name; None = grpo_tiny), apply overrides, validate for
+    ``stage`` (what the config will run: ``rl``, or the ``sft`` / ``rm`` stage alone)."""
     text, source = _read_config_text(path)
     raw = yaml_load(text, source)
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections, got "
                           f"{type(raw).__name__}")
-    return config_from_dict(raw or {}, overrides)
+    return config_from_dict(raw or {}, overrides, stage)
 
 
-def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build and validate a Config from nested dicts (e.g. a parsed YAML) plus overrides."""
+def config_from_dict(raw: dict, overrides: list[str] | tuple[str, ...] = (), stage: Stage = "rl") -> Config:
+    """Build and validate (for ``stage``) a Config from nested dicts (e.g. a parsed YAML) plus overrides."""
     cfg = build(Config, apply_overrides(raw, parse_overrides(overrides)))
-    validate(cfg)
+    validate(cfg, stage)
     return cfg
 
 
@@ -487,6 +489,9 @@ def _runtime_rules(cfg: Config):
     bad_sizes = [s for s in cfg.rollout.vllm.cudagraph_capture_sizes if s < 1]
     if bad_sizes:
         yield f"rollout.vllm.cudagraph_capture_sizes must be >= 1, got {bad_sizes}"
+
+
+def _launcher_rules(cfg: Config):
     if cfg.cluster.launcher == "deepspeed":
         # SPMD: every launcher rank holds a shard of every role, so all roles span the same ranks.
         ranks = {name: getattr(cfg, name).num_ranks for name in _roles_in_use(cfg)}
@@ -521,12 +526,26 @@ def _roles_in_use(cfg: Config) -> list[str]:
     return roles + (["reward"] if cfg.uses_reward_model else [])
 
 
-_RULES = (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules,
-          _logging_rules, _stage_rules)
+def _evaluation_rules(cfg: Config):
+    """The SFT stage scores held-out answers with reward.functions (exact_match when there are none)."""
+    yield from _correct_score_rules(cfg.reward)
 
 
-def validate(cfg: Config) -> None:
-    """Check every cross-field rule; raise one ConfigError listing all that fail."""
-    problems = [message for rule in _RULES for message in rule(cfg)]
+# The rules each command's config must pass: `rlhf-ds train` (and everything that plans or benchmarks an RL
+# run) all of them; the SFT and reward-model stages train one role on their own batches, so the RL batch,
+# loss and launcher rules (which concern the RL roles) do not bind them.
+_RULES = {
+    "rl": (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules, _launcher_rules,
+           _logging_rules, _stage_rules),
+    "sft": (_evaluation_rules, _runtime_rules, _logging_rules, _stage_rules),
+    "rm": (_runtime_rules, _logging_rules, _stage_rules),
+}
+
+
+def validate(cfg: Config, stage: Stage = "rl") -> None:
+    """Check every cross-field rule of ``stage`` (rl | sft | rm); raise one ConfigError listing all that fail."""
+    if stage not in _RULES:
+        raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(_RULES)}")
+    problems = [message for rule in _RULES[stage] for message in rule(cfg)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))

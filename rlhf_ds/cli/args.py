@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rlhf_ds.choices import Stage
 from rlhf_ds.config import DEFAULT_RECIPE, Config, ConfigError, list_recipes, load_config
 
 
@@ -35,6 +36,7 @@ def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     return path, overrides
 
 
-def config_from_args(ns: argparse.Namespace) -> Config:
+def config_from_args(ns: argparse.Namespace, stage: Stage = "rl") -> Config:
+    """The config named on the command line, validated for what the command runs (``stage``)."""
     path, overrides = split_config_args(ns.config_args)
-    return load_config(path, overrides)
+    return load_config(path, overrides, stage)

@@ -10,7 +10,7 @@ import argparse
 
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
 from rlhf_ds.config import DEFAULT_RECIPE, ConfigError
-from rlhf_ds.plan.planner import STAGES
+from rlhf_ds.choices import STAGES
 
 
 def _add(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +48,7 @@ def _run(ns: argparse.Namespace) -> int:
     from rlhf_ds.plan.report import render
     from rlhf_ds.plan.shapes import ShapeError
 
-    cfg = config_from_args(ns)
+    cfg = config_from_args(ns, ns.stage)
     target = _target(ns)
     try:
         plan = plan_run(cfg, target, ns.stage)

@@ -15,9 +15,9 @@ def _add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
-def _config(ns: argparse.Namespace):
+def _config(ns: argparse.Namespace, stage: str = "rl"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # every worker process: one thread (see DESIGN.md)
-    return config_from_args(ns)
+    return config_from_args(ns, stage)
 
 
 def _run_train(ns: argparse.Namespace) -> int:
@@ -46,7 +46,7 @@ def _run_sft(ns: argparse.Namespace) -> int:
     from rlhf_ds.plan.planner import check_fits
     from rlhf_ds.trainer.sft_stage import run_sft_stage
 
-    cfg = _config(ns)
+    cfg = _config(ns, "sft")
     if cfg.trainer.sft.steps == 0:
         print("trainer.sft.steps=0: no SFT stage configured")
         return 0
@@ -63,7 +63,7 @@ def _run_rm(ns: argparse.Namespace) -> int:
     from rlhf_ds.plan.planner import check_fits
     from rlhf_ds.trainer.rm_stage import run_rm_stage
 
-    cfg = _config(ns)
+    cfg = _config(ns, "rm")
     if cfg.trainer.rm.steps == 0:
         print("trainer.rm.steps=0: no reward-model training configured")
         return 0

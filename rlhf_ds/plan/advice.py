@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_ds.choices import TRAINABLE_ROLES
+from rlhf_ds.choices import TRAINABLE_ROLES, Stage
 from rlhf_ds.config import Config, ConfigError, config_from_dict
 from rlhf_ds.plan.planner import Plan, Target, plan_run
 
@@ -89,9 +89,9 @@ def candidate_changes(cfg: Config, plan: Plan) -> list[Change]:
     return out
 
 
-def _apply(cfg: Config, overrides: list[str]) -> Config | None:
+def _apply(cfg: Config, overrides: list[str], stage: Stage) -> Config | None:
     try:
-        return config_from_dict(cfg.to_dict(), overrides)
+        return config_from_dict(cfg.to_dict(), overrides, stage)
     except ConfigError:
         return None
 
@@ -100,13 +100,13 @@ def _total_shortfall(plan: Plan) -> int:
     return sum(device.shortfall for device in plan.devices)
 
 
-def suggest_fixes(cfg: Config, plan: Plan, target: Target, limit: int = 5, stage: str = "rl") -> list[Fix]:
+def suggest_fixes(cfg: Config, plan: Plan, target: Target, limit: int = 5, stage: Stage = "rl") -> list[Fix]:
     """Up to ``limit`` single changes that make the run (its ``stage``) fit, cheapest first. When none does
     alone, one greedy combination: it fits, or it is the closest found (its plan says what is still short);
     empty when no change helps at all."""
     tried: list[tuple[Change, Plan]] = []
     for change in candidate_changes(cfg, plan):
-        changed = _apply(cfg, list(change.overrides))
+        changed = _apply(cfg, list(change.overrides), stage)
         if changed is not None:
             tried.append((change, plan_run(changed, target, stage)))
     fits = sorted((t for t in tried if t[1].fits), key=lambda t: (t[0].rank, t[1].worst_shortfall))
@@ -115,14 +115,14 @@ def suggest_fixes(cfg: Config, plan: Plan, target: Target, limit: int = 5, stage
     return _combined(cfg, plan, target, stage)
 
 
-def _combined(cfg: Config, plan: Plan, target: Target, stage: str) -> list[Fix]:
+def _combined(cfg: Config, plan: Plan, target: Target, stage: Stage) -> list[Fix]:
     """Greedy: each round, the change that cuts the total shortfall most (the cheaper one on a tie)."""
     chosen: list[Change] = []
     current_cfg, current = cfg, plan
     for _ in range(MAX_COMBINED):
         best = None
         for change in candidate_changes(current_cfg, current):
-            changed = _apply(current_cfg, list(change.overrides))
+            changed = _apply(current_cfg, list(change.overrides), stage)
             if changed is None:
                 continue
             new_plan = plan_run(changed, target, stage)

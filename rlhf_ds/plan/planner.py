@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from rlhf_ds.choices import TRAINABLE_ROLES
+from rlhf_ds.choices import STAGES, TRAINABLE_ROLES, Stage
 from rlhf_ds.config import Config, ConfigError
 from rlhf_ds.plan import memory
 from rlhf_ds.plan.memory import GiB, Usage
@@ -153,13 +153,10 @@ def _rollout_processes(cfg: Config, engines: int, target: Target) -> list[Proces
     return [Process(f"rollout engine {e}", "rollout", usage) for e in range(engines)]
 
 
-# What each stage starts: `rlhf-ds train` (RL), `rlhf-ds sft` (the actor and the engines that evaluate it),
-# `rlhf-ds rm` (the reward model alone), and which of its roles train (optimizer states, gradients).
-STAGES = ("rl", "sft", "rm")
-
-
-def stage_ranks(cfg: Config, stage: str) -> tuple[dict[str, int], frozenset[str]]:
-    """(ranks per role, the roles that train) of ``stage``; the rollout engines are the role ``rollout``."""
+def stage_ranks(cfg: Config, stage: Stage) -> tuple[dict[str, int], frozenset[str]]:
+    """(ranks per role, the roles that train) of what ``stage`` starts: `rlhf-ds train` (RL), `rlhf-ds sft`
+    (the actor and the engines that evaluate it), `rlhf-ds rm` (the reward model alone); the rollout
+    engines are the role ``rollout``."""
     from rlhf_ds.cluster.roles import role_ranks
 
     if stage == "rl":
@@ -175,7 +172,7 @@ def stage_ranks(cfg: Config, stage: str) -> tuple[dict[str, int], frozenset[str]
     return ranks, trainable
 
 
-def run_processes(cfg: Config, target: Target, stage: str = "rl") -> dict[str, list[Process]]:
+def run_processes(cfg: Config, target: Target, stage: Stage = "rl") -> dict[str, list[Process]]:
     """Every process ``stage`` starts, by role (rank order); the rollout engines are the role ``rollout``."""
     ranks, trainable = stage_ranks(cfg, stage)
     out = {role: _role_processes(cfg, role, n, target.on_gpu, role in trainable) for role, n in ranks.items()
@@ -185,7 +182,7 @@ def run_processes(cfg: Config, target: Target, stage: str = "rl") -> dict[str, l
     return out
 
 
-def role_lines(cfg: Config, target: Target, stage: str = "rl") -> list[str]:
+def role_lines(cfg: Config, target: Target, stage: Stage = "rl") -> list[str]:
     """What each role of ``stage`` runs with: ranks, ds_config, precision, micro-batch, sequence lengths."""
     from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
 
@@ -226,7 +223,7 @@ def _gpu_of_each_process(cfg: Config, processes: dict[str, list[Process]]) -> di
     return {role: [first_gpu[p.pool] + b for b in p.bundle_indices] for role, p in placement.roles.items()}
 
 
-def plan_run(cfg: Config, target: Target, stage: str = "rl") -> Plan:
+def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
     """Where every process of ``cfg``'s ``stage`` (:data:`STAGES`) keeps its bytes, and whether each device
     holds them."""
     processes = run_processes(cfg, target, stage)
@@ -258,7 +255,7 @@ class PlanError(ConfigError):
     """A run that cannot fit the machine it is about to start on."""
 
 
-def check_fits(cfg: Config, log=print, stage: str = "rl") -> None:
+def check_fits(cfg: Config, log=print, stage: Stage = "rl") -> None:
     """``rlhf-ds train`` / ``sft`` / ``rm`` run this first: refuse a run that cannot fit this machine, naming
     the device, its roles and the shortfall (``trainer.skip_plan=true`` skips the check)."""
     if cfg.trainer.skip_plan:

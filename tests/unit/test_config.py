@@ -613,3 +613,20 @@ def test_cli_overrides_may_follow_options(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         cli.main(["train", "ppo_tiny", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_stage_commands_validate_by_their_own_rules():
+    """`rlhf-ds sft` / `rlhf-ds rm` train one role on their own batches: the RL batch rules (mini-batches of
+    rollouts split over the RL roles' ranks) do not refuse their configs, the stage rules still do."""
+    overrides = ["actor.num_ranks=3"]
+    with pytest.raises(ConfigError, match=r"algo.mini_batch_size=256 must be divisible by actor.num_ranks"):
+        load_config("sft_tiny", overrides)
+    assert load_config("sft_tiny", overrides, stage="sft").actor.num_ranks == 3
+    cfg = load_config("rm_tiny", ["reward.num_ranks=3", "cluster.launcher=deepspeed"], stage="rm")
+    assert cfg.reward.num_ranks == 3
+    with pytest.raises(ConfigError, match=r"trainer.rm.batch_size=2 must be at least reward.num_ranks=3"):
+        load_config("rm_tiny", ["reward.num_ranks=3", "trainer.rm.batch_size=2"], stage="rm")
+    with pytest.raises(ConfigError, match=r"reward.correct_score=2.0 can never be reached"):
+        load_config("sft_tiny", ["reward.correct_score=2.0"], stage="sft")
+    with pytest.raises(ValueError, match="unknown stage 'ppo'; valid stages: rl, sft, rm"):
+        load_config("sft_tiny", stage="ppo")
