@@ -101,6 +101,9 @@ class DataConfig:
     eval_path: str = option("", "held-out prompts; '' = the held-out split of the synthetic task")
     prompt_key: str = option("prompt", "column / JSON key holding the prompt text")
     answer_key: str = option("answer", "column / JSON key holding the reference answer")
+    apply_chat_template: bool = option(False, "encode each prompt as one user turn in the tokenizer's chat "
+                                              "template, ending with the assistant's generation prompt (instruct "
+                                              "models); the tokenizer must have a template")
     chosen_key: str = option("chosen", "column / JSON key of the preferred response (`rlhf-ds rm` rows)")
     rejected_key: str = option("rejected", "column / JSON key of the dispreferred response (`rlhf-ds rm` rows)")
     num_train: int = option(20000, "size of a synthetic task's train split", ge=1)

@@ -121,11 +121,12 @@ class PreferenceBatch:
         return replace(self, **changes)
 
 
-def build_preference_batch(tokenizer: Any, records: Sequence[PreferenceRecord], max_prompt_len: int
-                           ) -> PreferenceBatch:
+def build_preference_batch(tokenizer: Any, records: Sequence[PreferenceRecord], max_prompt_len: int, *,
+                           chat_template: bool = False) -> PreferenceBatch:
     """Tokenize and pad pairs (prompts left-padded to a common P, responses right-padded to a common R);
-    prompts longer than ``max_prompt_len`` tokens are refused."""
-    prompts = encode_prompts(tokenizer, records, max_prompt_len)
+    prompts longer than ``max_prompt_len`` tokens are refused. chat_template: prompts in the tokenizer's
+    chat template, as the policy saw them (``data.apply_chat_template``)."""
+    prompts = encode_prompts(tokenizer, records, max_prompt_len, chat_template=chat_template)
     chosen = [encode_response(tokenizer, r.chosen) for r in records]
     rejected = [encode_response(tokenizer, r.rejected) for r in records]
     pad_id = tokenizer.pad_token_id

@@ -139,12 +139,9 @@ def load_run_records(data: Any) -> tuple[list[PromptRecord], list[PromptRecord]]
     synthetic = data.train_path.startswith(SYNTHETIC_PREFIX)
     num_train = None
     if synthetic:
-        from rlhf_ds.data.tasks import get_task
+        from rlhf_ds.data.tasks import train_split_size
 
-        # A small task (3-digit x 1-digit: 8100 problems) has fewer train problems than the default
-        # data.num_train: take its whole train split then.
-        task_size = get_task(data.train_path[len(SYNTHETIC_PREFIX):]).size
-        num_train = data.num_train if data.num_train < 0.8 * task_size else None
+        num_train = train_split_size(data.train_path[len(SYNTHETIC_PREFIX):], data.num_train)
     train = load_prompt_dataset(data.train_path, data.prompt_key, data.answer_key, split="train",
                                 num_examples=num_train, task_seed=data.task_seed)
     if data.eval_path:
@@ -159,9 +156,21 @@ def load_run_records(data: Any) -> tuple[list[PromptRecord], list[PromptRecord]]
     return train, held_out
 
 
-def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], max_prompt_len: int) -> list[list[int]]:
-    """Token ids of each prompt; prompts longer than ``max_prompt_len`` tokens are refused."""
-    ids = [tokenizer(r.prompt)["input_ids"] for r in records]
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = False) -> list[int]:
+    """Token ids of one prompt: ``tokenizer(prompt)`` (special tokens such as bos included), or with
+    ``chat_template`` the prompt as one user turn in the tokenizer's chat template, ending with the
+    assistant's generation prompt (``data.apply_chat_template``)."""
+    if chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=False))
+    return tokenizer(prompt)["input_ids"]
+
+
+def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], max_prompt_len: int, *,
+                   chat_template: bool = False) -> list[list[int]]:
+    """Token ids of each prompt (:func:`encode_prompt`); prompts longer than ``max_prompt_len`` tokens are
+    refused."""
+    ids = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     too_long = [(r.prompt, len(i)) for r, i in zip(records, ids) if len(i) > max_prompt_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts exceed rollout.max_prompt_len={max_prompt_len} tokens, "

@@ -1,9 +1,13 @@
-"""Synthetic verifiable tasks: integer arithmetic, generated locally.
+"""Synthetic verifiable tasks, generated locally: integer arithmetic and GSM8K-shaped word problems.
 
-A problem is ``"<a><op><b>="`` with answer ``str(a op b)``, e.g. ``"123*4="`` -> ``"492"``. Operands have a
-fixed number of digits (no leading zeros). Every task's problem space is split once, by a hash of the
-problem index and the seed, into a held-out part (``HELDOUT_FRACTION`` of it) and a train part, so the
-two splits are disjoint whatever sizes are requested and the held-out set of a seed never changes.
+An arithmetic problem is ``"<a><op><b>="`` with answer ``str(a op b)``, e.g. ``"123*4="`` -> ``"492"``.
+Operands have a fixed number of digits (no leading zeros). ``word_problems`` (:mod:`rlhf_ds.data.word_problems`)
+are short stories whose answers are worked solutions ending in ``#### N`` (score them with ``final_number``).
+
+A task is anything with a ``name``, a ``size`` and a ``record(index)`` (:class:`SyntheticTask`). Every task's
+problem space is split once, by a hash of the problem index and the seed, into a held-out part
+(``HELDOUT_FRACTION`` of it) and a train part, so the two splits are disjoint whatever sizes are requested
+and the held-out set of a seed never changes.
 
 Per DESIGN.md ("What a tiny model can learn here"), ``multiplication`` (3-digit x 1-digit) is the one
 on which a short SFT warm start + GRPO reliably shows a gain; ``addition`` (3-digit) is learnable but
@@ -12,16 +16,34 @@ often plateaus; ``addition_2d`` is too easy for RL and serves smoke tests.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
 from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.data.word_problems import WORD_PROBLEMS
 
 HELDOUT_FRACTION = 0.1
 SPLITS = ("train", "eval")
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
+
+
+class SyntheticTask(Protocol):
+    """What the split and the loaders need of a task: its problems are indexed 0 .. size - 1."""
+
+    name: str
+
+    @property
+    def size(self) -> int:
+        """Number of distinct problems."""
+
+    def record(self, index: int) -> PromptRecord:
+        """The problem with index ``index`` in [0, size)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +86,7 @@ class ArithmeticTask:
         return "0123456789" + self.op + "="
 
 
-TASKS: dict[str, ArithmeticTask] = {
+TASKS: dict[str, SyntheticTask] = {
     task.name: task
     for task in (
         ArithmeticTask("addition", "+", 3, 3),
@@ -72,11 +94,12 @@ TASKS: dict[str, ArithmeticTask] = {
         ArithmeticTask("addition_4d", "+", 4, 4),
         ArithmeticTask("multiplication", "*", 3, 1),
         ArithmeticTask("multiplication_2x2", "*", 2, 2),
+        WORD_PROBLEMS,
     )
 }
 
 
-def get_task(name: str) -> ArithmeticTask:
+def get_task(name: str) -> SyntheticTask:
     """The task called ``name``; the error lists every valid name."""
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; valid tasks: {sorted(TASKS)}")
@@ -96,7 +119,7 @@ def is_heldout(indices: np.ndarray, seed: int) -> np.ndarray:
     return (z % np.uint64(1_000_000)) < np.uint64(int(HELDOUT_FRACTION * 1_000_000))
 
 
-def _split_indices(task: ArithmeticTask, split: str, num: int | None, seed: int) -> np.ndarray:
+def _split_indices(task: SyntheticTask, split: str, num: int | None, seed: int) -> np.ndarray:
     """``num`` distinct problem indices of ``split`` in a seeded random order (all of them if None)."""
     want_heldout = split == "eval"
     rng = np.random.default_rng([seed, SPLITS.index(split)])
@@ -129,3 +152,20 @@ def generate_split(task_name: str, split: str = "train", num_examples: int | Non
     task = get_task(task_name)
     return [task.record(int(i)) for i in _split_indices(task, split, num_examples, seed)]
 
+
+def train_split_size(task_name: str, requested: int) -> int | None:
+    """How many train problems a run of ``data.num_train=requested`` draws: ``requested``, or None (the whole
+    train split) when the task is too small for that (3-digit x 1-digit: 8100 problems, ~7300 for training)."""
+    return requested if requested < 0.8 * get_task(task_name).size else None
+
+
+def write_split_jsonl(task_name: str, path: str | os.PathLike, split: str = "train", num_examples: int | None = None,
+                      seed: int = 0) -> Path:
+    """Write :func:`generate_split`'s records to ``path`` as JSONL (keys ``prompt`` and ``answer``), the
+    form a user's dataset takes (``data.train_path`` / ``data.eval_path``). Returns the path."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for record in generate_split(task_name, split, num_examples, seed):
+            f.write(json.dumps({"prompt": record.prompt, "answer": record.answer}) + "\n")
+    return out

@@ -1,14 +1,24 @@
-"""Tiny models built locally: a character tokenizer and small Llama / Qwen2 causal LMs.
+"""Tiny models built locally: their tokenizers and small Llama / Qwen2 causal LMs.
 
 Nothing here touches a model hub. A model is named ``tiny:<preset>`` (causal LM) or
 ``tiny:<preset>-value`` (the same backbone with a scalar head, initialised from the LM so that the
 critic and the reward model start from the actor's weights). :func:`resolve_model_path` builds the
 directory on first use (deterministically from a seed) and returns it from the on-disk cache afterwards.
 
-Prompt format: plain text, no chat template. ``tokenizer(prompt)`` yields ``[<bos>] + one id per
-character``; a response is the characters the model generates, ended by ``<eos>``. The SFT text of an
-example is therefore ``prompt + answer + "<eos>"`` (the ``<eos>`` string is matched as a special token).
-The tokenizer pads on the left (prompts are left-padded before generation); set
+A preset's tokenizer is one of two kinds (``TinyPreset.tokenizer``):
+
+- ``"char"`` (the arithmetic presets): plain text, no chat template. ``tokenizer(prompt)`` yields
+  ``[<bos>] + one id per character``; a response is the characters the model generates, ended by
+  ``<eos>``. The SFT text of an example is therefore ``prompt + answer + "<eos>"`` (the ``<eos>`` string
+  is matched as a special token).
+- ``"bpe"`` (``qwen2-bpe``): shaped like an instruct model's, to exercise the real-model path on CPU. A
+  byte-level BPE trained here on the word-problem corpus (``rlhf_ds.data.word_problems``), split as
+  Qwen2 splits (digits one by one); Qwen's special tokens ``<|endoftext|> <|im_start|> <|im_end|>``
+  (the last ids); eos ``<|im_end|>``; no bos (``tokenizer(text)`` adds nothing) and no pad token (runs
+  pad with eos: ``models.tokenizer.ensure_pad_token``); a ChatML chat template
+  (``data.apply_chat_template``).
+
+Both tokenizers pad on the left (prompts are left-padded before generation); set
 ``tokenizer.padding_side = "right"`` for a call that needs right padding.
 
 Head sizes are kept at 32 or more because vLLM's CPU attention backend refuses smaller ones.
@@ -24,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
 from rlhf_ds.fs import publish_directory
 
@@ -33,6 +43,20 @@ PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0..3, in this order
 # Digits and the symbols of the synthetic tasks, plus a few that hand-written prompts commonly use.
 DEFAULT_ALPHABET = "0123456789+-*/=()., ?"
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+BPE_SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)  # the last ids, in this order, as in Qwen's vocabulary
+BPE_VOCAB_SIZE = 512   # an upper bound: training stops earlier once every word of the corpus is one token
+# Qwen2's pre-tokenizer split: a letter run with one leading non-letter, single digits, punctuation runs,
+# newlines, other whitespace.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# ChatML, as Qwen's instruct models use it (without Qwen's default system message).
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+TOKENIZER_KINDS = ("char", "bpe")
 TINY_PREFIX = "tiny:"
 VALUE_SUFFIX = "-value"
 MARKER_FILE = ".rlhf_ds_build_complete"
@@ -42,7 +66,7 @@ BUILD_VERSION = 1
 
 @dataclass(frozen=True)
 class TinyPreset:
-    """Architecture of a tiny causal LM (the vocabulary comes from the alphabet)."""
+    """Architecture of a tiny causal LM and the kind of its tokenizer (the vocabulary comes from it)."""
 
     family: str  # "llama" | "qwen2"
     hidden_size: int
@@ -51,7 +75,8 @@ class TinyPreset:
     num_kv_heads: int
     intermediate_size: int
     max_position_embeddings: int = 128
-    alphabet: str = DEFAULT_ALPHABET
+    alphabet: str = DEFAULT_ALPHABET  # the characters of a "char" tokenizer
+    tokenizer: str = "char"           # "char" | "bpe" (see the module docstring)
 
 
 PRESETS: dict[str, TinyPreset] = {
@@ -70,6 +95,10 @@ PRESETS: dict[str, TinyPreset] = {
     # ~12 K parameters: for tests of the machinery, not of learning.
     "llama-micro": TinyPreset("llama", hidden_size=32, num_layers=1, num_heads=1, num_kv_heads=1,
                               intermediate_size=64, max_position_embeddings=64),
+    # ~174 K parameters, 397 tokens: an instruct model's shape (byte-level BPE, chat template, no pad token)
+    # for the GSM8K-shaped word problems.
+    "qwen2-bpe": TinyPreset("qwen2", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                            intermediate_size=256, max_position_embeddings=256, tokenizer="bpe"),
 }
 
 _CONFIG_CLASSES = {"llama": LlamaConfig, "qwen2": Qwen2Config}
@@ -105,6 +134,52 @@ def build_char_tokenizer(alphabet: str = DEFAULT_ALPHABET, model_max_length: int
         unk_token=UNK_TOKEN, padding_side="left", model_max_length=model_max_length)
 
 
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int = BPE_VOCAB_SIZE, model_max_length: int = 256
+                        ) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``corpus``: a ``Qwen2Tokenizer`` (what ``AutoTokenizer`` makes of
+    any qwen2 directory) with Qwen's special tokens as its last ids, eos ``<|im_end|>`` and a ChatML template.
+
+    Every byte is in the initial alphabet, so any text encodes without unknown tokens. No bos, no unk and
+    no pad: saved as explicit nulls, since ``Qwen2Tokenizer`` would otherwise default them to
+    ``<|endoftext|>``. The same corpus gives the same tokenizer: builds in separate processes (other hash
+    seeds), with or without the trainer's threads, write byte-identical ``tokenizer.json``. Pads on the left.
+    """
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BPE_SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(corpus, trainer)
+    trained = json.loads(backend.to_str())["model"]
+    vocab = trained["vocab"]
+    for token in BPE_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    # Qwen2Tokenizer rebuilds the same pipeline (Qwen2's split, byte-level) around the vocabulary and merges.
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab, merges=[tuple(pair) for pair in trained["merges"]], eos_token=IM_END, bos_token=None,
+        unk_token=None, pad_token=None, extra_special_tokens=[ENDOFTEXT, IM_START], padding_side="left",
+        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def build_tokenizer(preset: TinyPreset) -> PreTrainedTokenizerFast:
+    """The tokenizer of ``preset``, by its kind."""
+    if preset.tokenizer == "char":
+        return build_char_tokenizer(preset.alphabet, preset.max_position_embeddings)
+    if preset.tokenizer == "bpe":
+        return build_bpe_tokenizer(_bpe_corpus(), model_max_length=preset.max_position_embeddings)
+    raise ValueError(f"unknown tokenizer kind {preset.tokenizer!r}; valid: {list(TOKENIZER_KINDS)}")
+
+
+def _bpe_corpus() -> list[str]:
+    """What the "bpe" tokenizer is trained on: the word problems, and the words of the chat template."""
+    from rlhf_ds.data.word_problems import WORD_PROBLEMS
+
+    return WORD_PROBLEMS.tokenizer_corpus() + ["system", "user", "assistant", DEFAULT_ALPHABET]
+
+
 def tiny_model_config(preset: TinyPreset, tokenizer: PreTrainedTokenizerFast):
     """The transformers config (LlamaConfig / Qwen2Config) of ``preset`` with ``tokenizer``'s ids."""
     if preset.family not in _CONFIG_CLASSES:
@@ -131,7 +206,7 @@ def create_tiny_lm(preset: str, seed: int = 0):
     The caller's global torch RNG state is left untouched.
     """
     spec = get_preset(preset)
-    tokenizer = build_char_tokenizer(spec.alphabet, spec.max_position_embeddings)
+    tokenizer = build_tokenizer(spec)
     config = tiny_model_config(spec, tokenizer)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -173,10 +248,13 @@ def parse_tiny_spec(spec: str) -> tuple[str, bool]:
 
 
 def _build_key(preset: str, seed: int) -> str:
-    """A short hash of everything that determines the built weights: a changed preset means a new dir."""
-    payload = json.dumps({"preset": dataclasses.asdict(get_preset(preset)), "seed": seed,
-                          "version": BUILD_VERSION}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:10]
+    """A short hash of everything that determines the built weights and tokenizer: a changed preset (or
+    BPE corpus) means a new dir."""
+    spec = get_preset(preset)
+    payload = {"preset": dataclasses.asdict(spec), "seed": seed, "version": BUILD_VERSION}
+    if spec.tokenizer == "bpe":
+        payload["corpus"] = hashlib.sha256("\n".join(_bpe_corpus()).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def _publish(final: Path, build, description: dict) -> Path:

@@ -1,4 +1,5 @@
-"""The one way a run loads its tokenizer: ``tokenizer_path`` honoured, a pad token guaranteed.
+"""The one way a run loads its tokenizer: ``tokenizer_path`` honoured, a pad token guaranteed, and the
+start-up check that a run asking for a chat template (``data.apply_chat_template``) has one.
 
 Many released tokenizers (Llama's among them) have no pad token, while every batch here is padded
 (prompts on the left, responses on the right). Padded positions are always masked out, so any token
@@ -46,3 +47,16 @@ def load_tokenizer(model_path: str, tokenizer_path: str = "") -> Any:
 
     source = resolve_model_path(tokenizer_path or model_path)
     return ensure_pad_token(AutoTokenizer.from_pretrained(source), source)
+
+
+def check_chat_template(tokenizer: Any, apply_chat_template: bool, role: str) -> None:
+    """Refuse ``data.apply_chat_template=true`` with a tokenizer that has no chat template, at start-up.
+
+    role: the config section the tokenizer came from ("actor", "reward"), named in the error with what to do.
+    """
+    if apply_chat_template and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"data.apply_chat_template=true, but the tokenizer {tokenizer.name_or_path} ({role}.tokenizer_path, or "
+            f"the one saved with {role}.model_path) has no chat template: set data.apply_chat_template=false to "
+            f"encode prompts as plain text (a base model), or set {role}.tokenizer_path to a tokenizer saved with "
+            f"a chat_template (an instruct model's)")

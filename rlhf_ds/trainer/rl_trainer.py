@@ -71,8 +71,10 @@ class RLTrainer:
         self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
         self.loader = PromptLoader(train_records, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_records = eval_records
-        self.eval_prompts = encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len)
-        encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len)  # too long: fail now
+        self.eval_prompts = encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len,
+                                           chat_template=cfg.data.apply_chat_template)
+        encode_prompts(tokenizer, train_records, cfg.rollout.max_prompt_len,
+                       chat_template=cfg.data.apply_chat_template)  # too long: fail now
         # rule rewards are computed once, by the main process, and shared: under the deepspeed launcher
         # every rank must train on the same rewards, even when a reward function times out on one rank
         self.reward_runner = None if reward_runner is None else (
@@ -188,7 +190,8 @@ class RLTrainer:
     def _start_rollout(self, step: int) -> Callable[[], tuple[Experience, list[PromptRecord]]]:
         """Draw step ``step``'s prompts and start generating; the returned call waits for the batch."""
         records = self.loader.next_batch()
-        prompts = encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len)
+        prompts = encode_prompts(self.tokenizer, records, self.cfg.rollout.max_prompt_len,
+                                 chat_template=self.cfg.data.apply_chat_template)
         wait = generate_async(self.roles.rollout, prompts, self.cfg.rollout.n, self.sampling,
                               self.cfg.seed * _STEP_SEED_STRIDE + step)
 

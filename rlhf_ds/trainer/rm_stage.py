@@ -23,9 +23,10 @@ EXPORT_NAME = "reward_hf"
 EVAL_KEY = "eval/pairwise_accuracy"
 
 
-def pairs_minibatch(tokenizer: Any, records: list[PreferenceRecord], max_prompt_len: int) -> PreferenceBatch:
+def pairs_minibatch(tokenizer: Any, records: list[PreferenceRecord], max_prompt_len: int,
+                    chat_template: bool = False) -> PreferenceBatch:
     """One mini-batch of pairs with its pair weights (1 / pairs), set before it is cut into rank shards."""
-    batch = build_preference_batch(tokenizer, records, max_prompt_len)
+    batch = build_preference_batch(tokenizer, records, max_prompt_len, chat_template=chat_template)
     return batch.replace(pair_weights=pair_weights(len(batch)))
 
 
@@ -50,10 +51,12 @@ class RewardModelStage(StageLoop):
         usable = len(held_out) - len(held_out) % self.group.num_ranks
         if usable == 0:
             raise ValueError(f"rm: {len(held_out)} held-out pairs cannot be split over {self.group.num_ranks} ranks")
-        self.eval_batch = build_preference_batch(tokenizer, held_out[:usable], cfg.rollout.max_prompt_len)
+        self.eval_batch = build_preference_batch(tokenizer, held_out[:usable], cfg.rollout.max_prompt_len,
+                                                 chat_template=cfg.data.apply_chat_template)
 
     def train_step(self) -> dict[str, float]:
-        batch = pairs_minibatch(self.tokenizer, self.loader.next_batch(), self.cfg.rollout.max_prompt_len)
+        batch = pairs_minibatch(self.tokenizer, self.loader.next_batch(), self.cfg.rollout.max_prompt_len,
+                                self.cfg.data.apply_chat_template)
         # shards may differ by a pair: the weights are the whole mini-batch's (see SftStage.train_step)
         metrics = self.group.dispatch("train_pairs", batch, even=False, concat=False)[0]
         return {f"rm/{name}": m.value for name, m in metrics.items()}
@@ -69,7 +72,7 @@ def run_rm_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Optio
     from ``data.*``) into ``output_dir`` (default ``trainer.output_dir``): metrics, checkpoints, and the
     model as an HF directory ``OUTPUT_DIR/reward_hf``. resume: default ``trainer.resume``."""
     from rlhf_ds.cluster.roles import build_stage_roles
-    from rlhf_ds.models.tokenizer import load_tokenizer
+    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
     from rlhf_ds.workers.reward_model_trainer import RewardModelTrainer
 
     cfg = stage_config(cfg, output_dir)
@@ -78,8 +81,10 @@ def run_rm_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Optio
         raise ValueError("trainer.rm.steps=0: no reward-model training configured (set trainer.rm.steps)")
     # everything that can be refused is refused before any engine starts
     tokenizer = load_tokenizer(cfg.reward.model_path, cfg.reward.tokenizer_path)
+    check_chat_template(tokenizer, cfg.data.apply_chat_template, "reward")
     train, held_out = load_preference_records(cfg.data)
-    encode_prompts(tokenizer, train + held_out, cfg.rollout.max_prompt_len)   # a prompt too long: fail now
+    encode_prompts(tokenizer, train + held_out, cfg.rollout.max_prompt_len,   # a prompt too long: fail now
+                   chat_template=cfg.data.apply_chat_template)
     if resume:
         check_stage_resume(cfg, log)
     os.makedirs(cfg.trainer.output_dir, exist_ok=True)

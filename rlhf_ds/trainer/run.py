@@ -39,10 +39,11 @@ def build_trainer(cfg: Config, show_progress: bool = True):
     from rlhf_ds.cluster.roles import build_roles
     from rlhf_ds.data.rewards import runner_from_config
     from rlhf_ds.engine.build import total_optimizer_steps
-    from rlhf_ds.models.tokenizer import load_tokenizer
+    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
     from rlhf_ds.trainer.rl_trainer import RLTrainer
 
     tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
+    check_chat_template(tokenizer, cfg.data.apply_chat_template, "actor")
     check_role_models(cfg, len(tokenizer))
     train, held_out = load_run_records(cfg.data)
     runner = runner_from_config(cfg.reward)

@@ -23,23 +23,26 @@ from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.preferences import encode_response
-from rlhf_ds.data.prompts import PromptRecord, encode_prompts, load_run_records
+from rlhf_ds.data.prompts import PromptRecord, encode_prompt, encode_prompts, load_run_records
 from rlhf_ds.rollout.base import generate
 from rlhf_ds.trainer.stage import Log, StageLoop, check_stage_resume, run_stage, stage_config
 
 EXPORT_NAME = "actor_hf"
 
 
-def encode_examples(tokenizer, records: list[PromptRecord]) -> tuple[list[list[int]], list[list[int]]]:
-    """Prompt ids (bos + prompt) and completion ids (answer + eos) of each record."""
-    prompts = [tokenizer(r.prompt)["input_ids"] for r in records]
+def encode_examples(tokenizer, records: list[PromptRecord], chat_template: bool = False
+                    ) -> tuple[list[list[int]], list[list[int]]]:
+    """Prompt ids and completion ids (answer + eos) of each record. The prompt is encoded as RL encodes it
+    (``encode_prompt``: bos + prompt, or the chat template's user turn and generation prompt), so the
+    model learns to end its answer with the eos token (``<|im_end|>`` for a ChatML tokenizer)."""
+    prompts = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     return prompts, [encode_response(tokenizer, r.answer) for r in records]
 
 
-def sft_minibatch(tokenizer, records: list[PromptRecord]) -> Experience:
+def sft_minibatch(tokenizer, records: list[PromptRecord], chat_template: bool = False) -> Experience:
     """One SFT mini-batch with its token weights: the true token mean over the whole mini-batch
     (``token_weights(mask, "token_mean")``), set before the batch is cut into rank shards."""
-    prompts, completions = encode_examples(tokenizer, records)
+    prompts, completions = encode_examples(tokenizer, records, chat_template)
     prompt_ids, prompt_mask = pad_prompts(prompts, tokenizer.pad_token_id)
     response_ids, response_mask = pad_responses(completions, tokenizer.pad_token_id)
     exp = Experience(prompt_ids=prompt_ids, prompt_mask=prompt_mask, response_ids=response_ids,
@@ -57,11 +60,12 @@ class SftStage(StageLoop):
         super().__init__(cfg, roles, "actor", train, steps=sft.steps, batch_size=sft.batch_size,
                          eval_interval=sft.eval_interval, save_interval=sft.save_interval, **loop_args)
         self.tokenizer, self.held_out, self.runner = tokenizer, held_out, runner
-        self.eval_prompts = encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len)
+        self.eval_prompts = encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len,
+                                           chat_template=cfg.data.apply_chat_template)
         self.synced_step = 0   # the step whose weights the rollout engines serve
 
     def train_step(self) -> dict[str, float]:
-        batch = sft_minibatch(self.tokenizer, self.loader.next_batch())
+        batch = sft_minibatch(self.tokenizer, self.loader.next_batch(), self.cfg.data.apply_chat_template)
         # shards may differ by a row: the weights are the whole mini-batch's, and a rank with fewer
         # micro-batches makes up the count with zero-weight passes (engine.step)
         shards = self.group.dispatch("train_sft_minibatch", batch, even=False, concat=False)
@@ -98,7 +102,7 @@ def run_sft_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
     ``OUTPUT_DIR/actor_hf``. resume: default ``trainer.resume``. Returns the stage summary."""
     from rlhf_ds.cluster.roles import build_stage_roles
     from rlhf_ds.data.rewards import runner_from_config
-    from rlhf_ds.models.tokenizer import load_tokenizer
+    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
     from rlhf_ds.workers.sft import SftWorker
 
     cfg = stage_config(cfg, output_dir)
@@ -107,8 +111,9 @@ def run_sft_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
         raise ValueError("trainer.sft.steps=0: no SFT stage configured (set trainer.sft.steps)")
     # everything that can be refused is refused before any engine starts
     tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
+    check_chat_template(tokenizer, cfg.data.apply_chat_template, "actor")
     train, held_out = load_run_records(cfg.data)
-    encode_prompts(tokenizer, train, cfg.rollout.max_prompt_len)
+    encode_prompts(tokenizer, train, cfg.rollout.max_prompt_len, chat_template=cfg.data.apply_chat_template)
     if resume:
         check_stage_resume(cfg, log)
     os.makedirs(cfg.trainer.output_dir, exist_ok=True)

@@ -42,6 +42,8 @@ def sft_dir(cfg: Config) -> Path:
     # warm start used before they were keys (the model's tokenizer, exact_match), so those stay valid.
     if cfg.actor.tokenizer_path:
         key["tokenizer"] = cfg.actor.tokenizer_path
+    if cfg.data.apply_chat_template:   # the prompts it trained on were templated
+        key["chat_template"] = True
     scored_by = [list(cfg.reward.functions) or ["exact_match"], list(cfg.reward.function_weights),
                  cfg.reward.correct_score]   # no functions: exact_match scores evaluation
     if scored_by != [["exact_match"], [], 1.0]:
