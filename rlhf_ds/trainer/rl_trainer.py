@@ -187,6 +187,13 @@ class RLTrainer:
             self._ahead = self._start_rollout(step + 1)
         return exp, records
 
+    def finish_ahead(self) -> None:
+        """Asynchronous generation: wait until the batch generated ahead is in (it stays queued for its
+        step), so that nothing runs on the engines any more; a no-op otherwise."""
+        if self._ahead is not None:
+            batch = self._ahead()
+            self._ahead = lambda: batch
+
     def _start_rollout(self, step: int) -> Callable[[], tuple[Experience, list[PromptRecord]]]:
         """Draw step ``step``'s prompts and start generating; the returned call waits for the batch."""
         records = self.loader.next_batch()

@@ -139,3 +139,15 @@ def test_bench_against_the_floor_reports_both_sides(ray_session, tmp_path):
     assert 0 < result["ours_train_fraction_of_peak"] < 1 and 0 < result["floor_train_fraction_of_peak"] < 1
     assert {"rollout", "train", "sync"} <= set(result["stage_share"])
     assert "tiny   hf" in format_table([result])
+
+
+def test_bench_with_asynchronous_generation_reports_no_rollout_rate(ray_session, tmp_path):
+    """Generation overlaps training: the step time is what counts, timing/rollout_s is only the wait for
+    the batch, so no rollout rate is derived from it; the batch started ahead is waited for at the end of
+    each round, before the floor's steps are timed."""
+    result = compare_with_floor("tiny", "hf", rounds=2, steps=2, output_dir=str(tmp_path), log=lambda *_: None,
+                                overrides=("actor.model_path=tiny:llama-micro", "rollout.async_generation=true"),
+                                peak=1e11)
+    assert result["backend"] == "hf+async" and result["ours_rollout_tokens_per_s"] is None
+    assert result["ours_step_s"] > 0 and result["floor_generate_tokens_per_s"] > 0
+    assert "tiny   hf+async" in format_table([result]) and "overlap" in format_table([result])
