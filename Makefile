@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-sft train-rm bench plan clean
+.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-grpo-gsm8k train-sft train-rm bench plan clean
 
 install: $(STAMP)
 
@@ -46,6 +46,10 @@ train-grpo: install
 
 train-ppo: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds train ppo_tiny $(ARGS)
+
+## An instruct model's path in miniature: tiny Qwen2, byte-level BPE, chat template, GSM8K-shaped problems.
+train-grpo-gsm8k: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds train grpo_tiny_gsm8k $(ARGS)
 
 ## The supervised stages on the same ZeRO-3 engines and groups: SFT of the tiny model (-> outputs/sft_tiny/actor_hf,
 ## an actor.model_path) and a reward model on correct-vs-wrong answers (-> outputs/rm_tiny/reward_hf, the
