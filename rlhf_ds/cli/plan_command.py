@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import argparse
 
+from rlhf_ds.choices import STAGES
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
 from rlhf_ds.config import DEFAULT_RECIPE, ConfigError
-from rlhf_ds.choices import STAGES
 
 
 def _add(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,8 @@ def _run(ns: argparse.Namespace) -> int:
         fixes = [] if plan.fits else suggest_fixes(cfg, plan, target, stage=ns.stage)
     except ShapeError as err:
         raise ConfigError(str(err)) from None
-    print(render(plan, fixes, split_config_args(ns.config_args)[0] or DEFAULT_RECIPE, role_lines(cfg, target, ns.stage)))
+    lines = role_lines(cfg, target, ns.stage)
+    print(render(plan, fixes, split_config_args(ns.config_args)[0] or DEFAULT_RECIPE, lines))
     return 0 if plan.fits else 1
 
 

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from rlhf_ds.choices import Stage
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
 from rlhf_ds.config import DEFAULT_RECIPE
 
@@ -15,7 +16,7 @@ def _add(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs, CI)")
 
 
-def _config(ns: argparse.Namespace, stage: str = "rl"):
+def _config(ns: argparse.Namespace, stage: Stage = "rl"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")   # every worker process: one thread (see DESIGN.md)
     return config_from_args(ns, stage)
 

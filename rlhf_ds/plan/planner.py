@@ -269,6 +269,7 @@ def check_fits(cfg: Config, log=print, stage: Stage = "rl") -> None:
     target = local_target()
     plan = plan_run(cfg, target, stage)
     if not plan.fits:
+        stage_option = "" if stage == "rl" else f" --stage {stage}"
         raise PlanError(f"the run does not fit {target.describe()}: {shortfall_message(plan)}. "
-                        f"`rlhf-ds plan` with the same config and overrides shows the breakdown and the "
-                        f"changes that make it fit; trainer.skip_plan=true starts it anyway")
+                        f"`rlhf-ds plan{stage_option}` with the same config and overrides shows the breakdown and "
+                        f"the changes that make it fit; trainer.skip_plan=true starts it anyway")

@@ -187,7 +187,7 @@ def test_stage_commands_refuse_a_stage_that_cannot_fit(monkeypatch, capsys):
     monkeypatch.setattr(planner, "local_target", lambda: Target(0, 256 * 2 ** 20))   # a 256 MiB host
     assert cli.main(["sft", "sft_tiny"]) != 0
     err = capsys.readouterr().err
-    assert "does not fit CPU" in err and "host (actor, rollout) needs" in err
+    assert "does not fit CPU" in err and "host (actor, rollout) needs" in err and "rlhf-ds plan --stage sft" in err
     assert cli.main(["rm", "rm_tiny"]) != 0
     assert "host (reward) needs" in capsys.readouterr().err
     assert cli.main(["plan", "rm_tiny", "--stage", "rm", "--host-memory-gib", "16"]) == 0
