@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-grpo-gsm8k train-sft train-rm bench plan clean
+.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-grpo-gsm8k train-sft train-rm train-ppo-rm bench plan clean
 
 install: $(STAMP)
 
@@ -52,13 +52,20 @@ train-grpo-gsm8k: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds train grpo_tiny_gsm8k $(ARGS)
 
 ## The supervised stages on the same ZeRO-3 engines and groups: SFT of the tiny model (-> outputs/sft_tiny/actor_hf,
-## an actor.model_path) and a reward model on correct-vs-wrong answers (-> outputs/rm_tiny/reward_hf, the
-## reward.model_path of `rlhf-ds train ppo_tiny_rm`).
+## an actor.model_path) and a reward model on the PPO policy's own correct-vs-wrong answers (pairs from
+## `rlhf-ds pairs`, model from the SFT result -> outputs/rm_tiny_sampled/reward_hf, the reward.model_path of
+## `rlhf-ds train ppo_tiny_rm`).
 train-sft: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds sft sft_tiny $(ARGS)
 
 train-rm: install
-	$(RUN_ENV) $(VENV)/bin/rlhf-ds rm rm_tiny $(ARGS)
+	test -d outputs/sft_tiny/actor_hf || $(MAKE) train-sft ARGS=
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds pairs ppo_tiny_rm --out outputs/rm_tiny_sampled/pairs
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds rm rm_tiny_sampled $(ARGS)
+
+## PPO on the reward model `make train-rm` wrote (its reward is the model's score alone).
+train-ppo-rm: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds train ppo_tiny_rm $(ARGS)
 
 ## Our GRPO step against a single-process floor on the same fixed work (tiny and small models, HF and
 ## vLLM rollouts): step times, their ratio with its spread, stage shares, tokens/s, share of matmul peak.

@@ -114,6 +114,24 @@ def _run_bench(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pairs(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--out", required=True, help="directory for train.jsonl, eval.jsonl and summary.json")
+    parser.add_argument("--pairs-per-prompt", type=int, default=2, help="pairs at most per prompt (default 2)")
+    parser.add_argument("--num-train", type=int, default=0, help="train prompts to sample (default: all)")
+
+
+def _run_pairs(ns: argparse.Namespace) -> int:
+    from rlhf_ds.trainer.pairs import run_pairs
+
+    summary = run_pairs(_config(ns), ns.out, pairs_per_prompt=ns.pairs_per_prompt, num_train=ns.num_train)
+    for split in ("train", "eval"):
+        s = summary[split]
+        print(f"pairs: {split}: {s['pairs']} pairs from {s['samples']} samples ({s['correct']:.1%} correct) "
+              f"-> {s['path']}")
+    return 0
+
+
 RUN_COMMANDS = {
     "train": Command("run RL training: `train [CONFIG] [key=value ...]` (SFT warm start first when "
                      "trainer.sft.steps > 0, cached)", _add, _run_train),
@@ -121,6 +139,9 @@ RUN_COMMANDS = {
                    "(trainer.sft; the trained actor goes to OUTPUT_DIR/actor_hf)", _add, _run_sft),
     "rm": Command("reward-model training on preference pairs: `rm [CONFIG] [key=value ...]` (trainer.rm; the "
                   "model goes to OUTPUT_DIR/reward_hf, for reward.model_path)", _add, _run_rm),
+    "pairs": Command("preference pairs from the actor's own samples, labelled by the rule rewards: `pairs [CONFIG] "
+                     "[key=value ...] --out DIR` (JSONL for `rm`: data.train_path / data.eval_path)",
+                     _add_pairs, _run_pairs),
     "bench": Command("our GRPO step against a single-process floor on a fixed workload (tiny and small models, "
                      "each backend), or `bench CONFIG` to time one config", _add_bench, _run_bench),
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -210,6 +211,12 @@ def test_stage_recipes_describe_what_they_promise():
     assert sft.trainer.sft.steps > 0 and sft.data.train_path == "synthetic:multiplication"
     assert sft.trainer.sft.batch_size % (sft.actor.num_ranks * sft.actor.micro_batch_size) == 0
     assert rm.trainer.rm.steps > 0 and rm.reward.model_path.startswith("tiny:") and rm.reward.model_path.endswith("-value")
-    # the PPO recipe reads the reward model where `make train-rm` writes it
+    # the PPO recipe reads the reward model where `make train-rm` writes it, trained on pairs where
+    # `rlhf-ds pairs` writes them, starting from the model `make train-sft` writes
+    sampled = load_config("rm_tiny_sampled", stage="rm")
     assert ppo.uses_reward_model and ppo.needs_critic and not ppo.reward.functions
-    assert ppo.reward.model_path == f"{rm.trainer.output_dir}/reward_hf"
+    assert ppo.reward.model_path == f"{sampled.trainer.output_dir}/reward_hf"
+    assert sampled.data.train_path == f"{sampled.trainer.output_dir}/pairs/train.jsonl"
+    assert sampled.reward.model_path == f"{sft.trainer.output_dir}/actor_hf"
+    makefile = open(os.path.join(os.path.dirname(__file__), "..", "..", "Makefile")).read()
+    assert f"rlhf-ds pairs ppo_tiny_rm --out {sampled.trainer.output_dir}/pairs" in makefile
