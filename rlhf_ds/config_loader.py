@@ -1,6 +1,6 @@
 """Generic machinery behind rlhf_ds.config: typed dataclasses from YAML + dotted overrides.
 
-Nothing here knows the rlhf_ds config tree; config.py declares the tree and the cross-field rules.
+Nothing here knows the rlhf_ds config tree; config.py declares the tree, config_rules.py its cross-field rules.
 Every field is declared with `option(default, help, ...)` (or `section(cls, help)` for a nested
 dataclass), so its documentation sits where it is declared and `iter_fields` can print it. Enum-like
 fields are annotated `Literal[...]` (the aliases of rlhf_ds/choices.py): the annotation is the one
