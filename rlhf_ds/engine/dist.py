@@ -6,6 +6,7 @@ The data-parallel group of a role is torch.distributed's default group (one grou
 """
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import sys
@@ -73,6 +74,15 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     os.environ.setdefault("MASTER_PORT", "29500")
     deepspeed.init_distributed(dist_backend=backend_name(), timeout=timedelta(seconds=timeout_s),
                                verbose=False)
+    atexit.register(_leave_at_exit)   # registered once per call; a second call finds no group
+
+
+def _leave_at_exit() -> None:
+    """Destroy the process group when the interpreter exits: a process that exits with its gloo group alive
+    can abort in the group's C++ teardown ("terminate called without an active exception") after a run that
+    succeeded. No barrier: a rank that failed must not hold the others."""
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
 
 
 def dp_rank() -> int:
