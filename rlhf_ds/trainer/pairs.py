@@ -14,6 +14,7 @@ the train split, held-out pairs from the held-out split, written as JSONL (``pro
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -85,7 +86,7 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     num_train: train prompts used (0 = the whole train split)."""
     import torch
 
-    from rlhf_ds.data.rewards import RewardRunner
+    from rlhf_ds.data.rewards import runner_from_config
     from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
     from rlhf_ds.rollout.hf_engine import HFRolloutEngine
     from rlhf_ds.trainer.run import with_warm_start
@@ -101,9 +102,11 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     check_chat_template(tokenizer, cfg.data.apply_chat_template, "actor")
     torch.set_num_threads(os.cpu_count() or 1)   # one process does all the work
     engine = HFRolloutEngine(cfg.actor.model_path, tokenizer_path=cfg.actor.tokenizer_path)
-    functions = list(cfg.reward.functions) or ["exact_match"]   # what labels a sample: evaluation's rule
-    with RewardRunner(functions, list(cfg.reward.function_weights) if cfg.reward.functions else [],
-                      cfg.reward.timeout_s, cfg.reward.failure_value, cfg.reward.num_workers) as runner:
+    # what labels a sample: the run's rule rewards, or evaluation's stand-in when it has none
+    reward = cfg.reward if cfg.reward.functions else dataclasses.replace(cfg.reward, functions=("exact_match",),
+                                                                        function_weights=())
+    functions = list(reward.functions)
+    with runner_from_config(reward) as runner:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary: dict = {"policy": cfg.actor.model_path, "labelled_by": functions, "n": cfg.rollout.n,
