@@ -24,6 +24,9 @@ LR_SCHEDULES: tuple[str, ...] = get_args(LrSchedule)
 RolloutBackend = Literal["hf", "vllm"]
 ROLLOUT_BACKENDS: tuple[str, ...] = get_args(RolloutBackend)
 
+HfDecoder = Literal["static", "generate"]  # the HF engine's decode loop (rollout/static_decode.py or generate)
+HF_DECODERS: tuple[str, ...] = get_args(HfDecoder)
+
 CudagraphMode = Literal["auto", "NONE", "PIECEWISE", "FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"]
 CUDAGRAPH_MODES: tuple[str, ...] = get_args(CudagraphMode)
 

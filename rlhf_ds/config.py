@@ -19,8 +19,8 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 
-from rlhf_ds.choices import (DEFAULT_LOGGERS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode, KlEstimator,
-                             KlPlacement, Launcher, LossReduction, LrSchedule, NonfiniteScorePolicy,
+from rlhf_ds.choices import (DEFAULT_LOGGERS, TRAINABLE_ROLES, AdvantageEstimator, CudagraphMode, HfDecoder,
+                             KlEstimator, KlPlacement, Launcher, LossReduction, LrSchedule, NonfiniteScorePolicy,
                              PlacementStrategy, PolicyLoss, Precision, RolloutBackend, RunLoggerName, Stage,
                              WandbMode)
 from rlhf_ds.config_loader import (ConfigError, apply_overrides, build, option, parse_overrides,
@@ -133,6 +133,9 @@ class VllmConfig:
 class RolloutConfig:
     """Response generation."""
     backend: RolloutBackend = option("hf", "generation engine: HF generate or vLLM")
+    hf_decoder: HfDecoder = option("static", "decode loop of the hf backend: 'static' = a KV cache allocated "
+                                             "once, no per-token generate bookkeeping (Llama / Qwen2; other "
+                                             "models fall back), 'generate' = HF generate; same tokens")
     n: int = option(8, "samples per prompt", ge=1)
     temperature: float = option(1.0, "sampling temperature of the rollouts the policy learns from "
                                      "(> 0: log-probs are taken at this temperature)", gt=0)

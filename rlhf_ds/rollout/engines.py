@@ -30,7 +30,8 @@ def rollout_engine_spec(cfg: Config) -> tuple[type[RolloutEngine], tuple]:
         return _vllm_spec(cfg)
     from rlhf_ds.rollout.hf_engine import MAX_BATCH_SEQUENCES, HFRolloutEngine
 
-    return HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg), MAX_BATCH_SEQUENCES, cfg.actor.tokenizer_path)
+    return HFRolloutEngine, (cfg.actor.model_path, rollout_dtype(cfg), MAX_BATCH_SEQUENCES, cfg.actor.tokenizer_path,
+                            cfg.rollout.hf_decoder)
 
 
 def _vllm_spec(cfg: Config) -> tuple[type[RolloutEngine], tuple]:

@@ -101,7 +101,8 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
     check_chat_template(tokenizer, cfg.data.apply_chat_template, "actor")
     torch.set_num_threads(os.cpu_count() or 1)   # one process does all the work
-    engine = HFRolloutEngine(cfg.actor.model_path, tokenizer_path=cfg.actor.tokenizer_path)
+    engine = HFRolloutEngine(cfg.actor.model_path, tokenizer_path=cfg.actor.tokenizer_path,
+                             decoder=cfg.rollout.hf_decoder)
     # what labels a sample: the run's rule rewards, or evaluation's stand-in when it has none
     reward = cfg.reward if cfg.reward.functions else dataclasses.replace(cfg.reward, functions=("exact_match",),
                                                                         function_weights=())
