@@ -14,6 +14,7 @@ Log-probs are taken as each token is sampled (:class:`SampledTokenLogprobs`), no
 """
 from __future__ import annotations
 
+import logging
 from typing import Iterable, Optional, Sequence
 
 import torch
@@ -25,6 +26,8 @@ from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
 from rlhf_ds.rollout.static_decode import Sampling, StaticCacheDecoder, unsupported
 from rlhf_ds.rollout.weights import UpdateSession, manifest_of
+
+logger = logging.getLogger(__name__)
 
 # Sequences generated in one call of ``model.generate`` (a request with more is cut into chunks).
 MAX_BATCH_SEQUENCES = 1024
@@ -116,6 +119,9 @@ class HFRolloutEngine:
         # why generate runs instead of the static-cache decoder ('' when the decoder runs)
         self.fallback = "rollout.hf_decoder=generate" if decoder == "generate" else (unsupported(model) or "")
         self.decoder = None if self.fallback else StaticCacheDecoder(model)
+        if self.fallback and decoder != "generate":
+            logger.warning("HF engine: decoding with generate (slower on CPU): the static-cache decoder does not "
+                           "cover this model: %s", self.fallback)
         self.device = next(model.parameters()).device
         self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         self.max_batch_sequences = max_batch_sequences

@@ -127,3 +127,10 @@ def test_what_the_decoder_does_not_cover_falls_back_to_generate():
         assert engine.decoder is None and reason in engine.fallback
         samples = engine.generate(PROMPTS, 2, SamplingParams(temperature=1.0, max_new_tokens=6), seed=0)
         assert len(samples) == 2 * len(PROMPTS)
+
+
+@pytest.mark.parametrize("build", [llama, qwen2], ids=["llama", "qwen2-gqa-bias"])
+def test_bf16_models_draw_the_same_tokens(build):
+    """The engines generate in bf16 on GPU: the decoder's cache and products keep the model's dtype."""
+    ours, theirs = both(build().to(torch.bfloat16), 3, SamplingParams(temperature=1.0, max_new_tokens=12))
+    assert_same(ours, theirs)
