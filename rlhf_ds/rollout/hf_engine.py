@@ -24,7 +24,7 @@ from rlhf_ds.batch import pad_prompts
 from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
-from rlhf_ds.rollout.static_decode import Sampling, StaticCacheDecoder, unsupported
+from rlhf_ds.rollout.static_decode import StaticCacheDecoder, unsupported
 from rlhf_ds.rollout.weights import UpdateSession, manifest_of
 
 logger = logging.getLogger(__name__)
@@ -147,10 +147,8 @@ class HFRolloutEngine:
                         sampling: SamplingParams) -> list[RolloutSample]:
         if self.decoder is not None:
             ids, mask = pad_prompts(prompts, self.pad_id)
-            tokens, logprobs = self.decoder.generate(
-                ids.to(self.device), mask.to(self.device), n, sampling.max_new_tokens,
-                Sampling(sampling.temperature, sampling.top_p, max(sampling.top_k, 0)),
-                None if sampling.ignore_eos else self.eos_id, self.pad_id)
+            tokens, logprobs = self.decoder.generate(ids.to(self.device), mask.to(self.device), n, sampling,
+                                                     self.eos_id, self.pad_id)
         else:
             tokens, logprobs = self._hf_generate(prompts, n, sampling)
         logprobs = logprobs.cpu()

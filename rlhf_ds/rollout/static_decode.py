@@ -18,11 +18,12 @@ it does not cover, and the engine then falls back to ``generate``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_ds.rollout.base import SamplingParams
 
 ARCHITECTURES = ("llama", "qwen2")
 # generation_config fields that would add a logits processor to ``generate`` (their neutral values)
@@ -50,19 +51,12 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """What ``generate`` is asked for: temperature 0 = greedy; top_k 0 and top_p 1 = off."""
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-
-
-def warp(scores_BV: torch.Tensor, sampling: Sampling) -> torch.Tensor:
-    """``generate``'s warpers, in its order (temperature, top-k, top-p), on raw scores [B, V]."""
+def warp(scores_BV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
+    """``generate``'s warpers, in its order (temperature, top-k, top-p), on raw scores [B, V] (top_k <= 0
+    and top_p 1 are off)."""
     if sampling.temperature != 1.0:
         scores_BV = scores_BV / sampling.temperature
-    if sampling.top_k:
+    if sampling.top_k > 0:
         kth = torch.topk(scores_BV, min(sampling.top_k, scores_BV.shape[-1]))[0][..., -1, None]
         scores_BV = scores_BV.masked_fill(scores_BV < kth, -float("inf"))
     if sampling.top_p < 1.0:
@@ -94,17 +88,18 @@ class StaticCacheDecoder:
         self.scale = self.head_dim ** -0.5
 
     @torch.no_grad()
-    def generate(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, n: int, max_new_tokens: int,
-                 sampling: Sampling, eos_id: Optional[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, n: int, sampling: SamplingParams,
+                 eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` responses per left-padded prompt, prompt-major: tokens and their log-probs [B*n, T].
 
-        Log-probs are those of the untruncated, tempered distribution (temperature 0: untempered). With
-        ``eos_id`` a row stops at its eos and is padded with ``pad_id`` after it; all rows stopped ends the
-        loop early (T < max_new_tokens). ``eos_id=None`` runs every row to ``max_new_tokens``.
+        Log-probs are those of the untruncated, tempered distribution (temperature 0: untempered). A row
+        stops at its eos and is padded with ``pad_id`` after it; all rows stopped ends the loop early
+        (T < max_new_tokens). With ``sampling.ignore_eos`` every row runs to ``max_new_tokens``.
         """
         B, P = ids_BP.shape
         device, dtype = ids_BP.device, self.embed.weight.dtype
-        T, rows = max_new_tokens, B * n
+        T, rows = sampling.max_new_tokens, B * n
+        stop_id = None if sampling.ignore_eos else eos_id
         mask_BP = mask_BP.bool()
         # K and V of every layer: [layers, 2, B*n, kv_heads, P + T, head_dim], filled left to right
         cache = torch.zeros(len(self.layers), 2, rows, self.num_kv_heads, P + T, self.head_dim,
@@ -131,12 +126,12 @@ class StaticCacheDecoder:
                 token = torch.argmax(scores, dim=-1)
             else:
                 token = torch.multinomial(F.softmax(warp(scores, sampling), dim=-1), num_samples=1).squeeze(1)
-            if eos_id is not None:
+            if stop_id is not None:
                 token = torch.where(unfinished, token, pad_id)
             tokens.append(token)
             logprobs.append(logp.gather(-1, token[:, None]).squeeze(1))
-            if eos_id is not None:
-                unfinished &= token != eos_id
+            if stop_id is not None:
+                unfinished &= token != stop_id
                 if not bool(unfinished.any()):
                     break
             if t + 1 == T:

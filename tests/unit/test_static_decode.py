@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from rlhf_ds.rollout.base import SamplingParams
 from rlhf_ds.rollout.hf_engine import HFRolloutEngine
-from rlhf_ds.rollout.static_decode import Sampling, unsupported, warp
+from rlhf_ds.rollout.static_decode import unsupported, warp
 
 PAD, EOS = 0, 2
 PROMPTS = [[1, 5, 9, 7], [1, 4], [1, 8, 8, 3, 6, 10, 4], [1, 11, 3]]
@@ -97,13 +97,14 @@ def test_the_decoder_follows_weights_changed_in_place():
     assert_same(after, reference.generate(PROMPTS, 1, greedy, seed=0))
 
 
-@pytest.mark.parametrize("sampling", [Sampling(0.7, top_k=3), Sampling(1.0, top_p=0.6), Sampling(1.3, 0.8, 5)])
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.7, top_k=3), SamplingParams(top_p=0.6),
+                                      SamplingParams(temperature=1.3, top_p=0.8, top_k=5)])
 def test_warp_applies_generates_warpers_in_their_order(sampling):
     torch.manual_seed(0)
     scores = torch.randn(6, 20)
     expected = scores.clone()
     for warper in [TemperatureLogitsWarper(sampling.temperature) if sampling.temperature != 1.0 else None,
-                   TopKLogitsWarper(sampling.top_k) if sampling.top_k else None,
+                   TopKLogitsWarper(sampling.top_k) if sampling.top_k > 0 else None,
                    TopPLogitsWarper(sampling.top_p) if sampling.top_p < 1.0 else None]:
         if warper is not None:
             expected = warper(None, expected)
