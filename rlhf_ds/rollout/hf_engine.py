@@ -8,9 +8,9 @@ Sampling is seeded per request: ``generate(..., seed)`` forks the RNG, seeds it 
 engine's rank, and restores it, so the same seed on the same engine gives the same samples whatever
 happened before (a resumed run regenerates exactly what the uninterrupted one would have).
 
-Log-probs are taken as each token is sampled (:class:`SampledTokenLogprobs`), not from
-``output_logits=True``, which keeps every step's [B, V] logits: 160 GB for 512 x 1024 tokens of a
-151,936-token vocabulary.
+Log-probs are taken as each token is sampled (by the decoder itself, or by :class:`SampledTokenLogprobs`
+inside ``generate``), not from ``output_logits=True``, which keeps every step's [B, V] logits: 160 GB for
+512 x 1024 tokens of a 151,936-token vocabulary.
 """
 from __future__ import annotations
 
@@ -24,24 +24,15 @@ from rlhf_ds.batch import pad_prompts
 from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
-from rlhf_ds.rollout.static_decode import StaticCacheDecoder, unsupported
+from rlhf_ds.rollout.static_decode import StaticCacheDecoder, sampling_logprobs, unsupported
 from rlhf_ds.rollout.weights import UpdateSession, manifest_of
 
 logger = logging.getLogger(__name__)
 
-# Sequences generated in one call of ``model.generate`` (a request with more is cut into chunks).
+# Sequences decoded in one call (of the decoder or ``model.generate``; a request with more is cut into chunks).
 MAX_BATCH_SEQUENCES = 1024
 # Seeds of different engines must differ, or every engine would draw the same samples for its shard.
 _ENGINE_SEED_STRIDE = 1_000_003
-
-
-def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log_softmax(logits / temperature) over the last dim, untruncated by top-p / top-k ([..., V] -> [..., V]).
-
-    Temperature 0 (greedy) reports the untempered distribution.
-    """
-    scale = temperature if temperature > 0 else 1.0
-    return torch.log_softmax(logits.float() / scale, dim=-1)
 
 
 def response_logprobs(step_logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

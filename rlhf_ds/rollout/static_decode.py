@@ -51,6 +51,15 @@ def unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
+def sampling_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(logits / temperature) over the last dim, untruncated by top-p / top-k ([..., V] -> [..., V]).
+
+    Temperature 0 (greedy) reports the untempered distribution.
+    """
+    scale = temperature if temperature > 0 else 1.0
+    return torch.log_softmax(logits.float() / scale, dim=-1)
+
+
 def warp(scores_BV: torch.Tensor, sampling: SamplingParams) -> torch.Tensor:
     """``generate``'s warpers, in its order (temperature, top-k, top-p), on raw scores [B, V] (top_k <= 0
     and top_p 1 are off)."""
@@ -121,7 +130,7 @@ class StaticCacheDecoder:
         greedy = sampling.temperature == 0
         for t in range(T):
             scores = logits.float()
-            logp = torch.log_softmax(scores if greedy else scores / sampling.temperature, dim=-1)
+            logp = sampling_logprobs(scores, sampling.temperature)
             if greedy:
                 token = torch.argmax(scores, dim=-1)
             else:
