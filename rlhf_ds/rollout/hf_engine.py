@@ -15,7 +15,8 @@ inside ``generate``), not from ``output_logits=True``, which keeps every step's 
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Optional, Sequence
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
@@ -76,6 +77,23 @@ class SampledTokenLogprobs(LogitsProcessor):
         return torch.stack(self.token_logprobs[:steps], dim=1)
 
 
+@contextmanager
+def native_linear() -> Iterator[None]:
+    """``torch.nn.functional.linear`` is torch's own kernel inside the block.
+
+    A ZeRO-3 model built in this process (an engine inside the actor's process: ``rollout.hf_in_actor``, or
+    the deepspeed launcher) leaves ``F.linear`` replaced, process-wide, by DeepSpeed's autograd wrapper
+    (``memory_efficient_linear``); every ``nn.Linear`` of the engine's model would go through it, which
+    made a decode on the tiny bench model 1.8x slower. Generation and training never run at once in
+    one process, so swapping it back for the call is safe."""
+    patched = torch.nn.functional.linear
+    torch.nn.functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = patched
+
+
 def trim_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     """The response up to and including its first eos (all of it when the model never stopped)."""
     return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
@@ -128,7 +146,7 @@ class HFRolloutEngine:
             return []
         per_chunk = max(1, self.max_batch_sequences // n)
         samples: list[RolloutSample] = []
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with native_linear(), torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(seed + _ENGINE_SEED_STRIDE * self.rank)
             for start in range(0, len(prompts), per_chunk):
                 samples += self._generate_chunk(prompts[start:start + per_chunk], start, n, sampling)

@@ -63,6 +63,25 @@ def test_same_seed_same_samples_other_seed_differs(engine, prompts):
     assert len(a) == 12
 
 
+def test_generation_runs_torchs_own_linear_when_a_zero3_model_replaced_it(engine, prompts, monkeypatch):
+    """A ZeRO-3 model in the same process (an engine inside the actor's process) leaves F.linear replaced by
+    DeepSpeed's autograd wrapper, process-wide; the engine decodes with torch's kernel, same samples, and
+    puts the replacement back."""
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=8)
+    plain = [s.response for s in engine.generate(prompts, 2, sampling, seed=5)]
+    calls = []
+
+    def wrapper(x, weight, bias=None):
+        calls.append(1)
+        return torch._C._nn.linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", wrapper)
+    assert [s.response for s in engine.generate(prompts, 2, sampling, seed=5)] == plain
+    assert not calls and torch.nn.functional.linear is wrapper
+    engine.model(torch.tensor([prompts[0]]))   # outside generation the replacement is what runs
+    assert calls
+
+
 def _teacher_forced_logprobs(engine, exp, temperature):
     """[B, R] log-probs of exp's responses from one forward over prompt + response."""
     with torch.no_grad():
