@@ -146,7 +146,11 @@ class RolloutConfig:
     max_response_len: int = option(16, "generated tokens per response at most", ge=1)
     ignore_eos: bool = option(False, "every response runs to max_response_len, eos or not (a fixed amount "
                                      "of work for benchmarks; responses then rarely end in eos)")
-    num_engines: int = option(1, "rollout engines (independent of actor.num_ranks)", ge=1)
+    num_engines: int = option(1, "rollout engines of their own, independent of actor.num_ranks (vllm, or hf "
+                                 "with hf_in_actor=false); engines inside the actor: one per actor rank", ge=1)
+    hf_in_actor: bool = option(True, "hf backend: one engine inside each actor rank's process, weight sync an "
+                                     "in-memory copy (not with async_generation, which needs engines of their "
+                                     "own); false = engines as their own Ray actors (rollout.num_engines)")
     eval_temperature: float = option(0.0, "temperature of held-out evaluation (0 = greedy)", ge=0)
     async_generation: bool = option(False, "generate the next step's batch while this one trains (one step "
                                            "off-policy; old log-probs recomputed, algo.tis corrects)")
@@ -301,6 +305,15 @@ class Config:
     def trainable_roles(self) -> tuple[str, ...]:
         """Names of the roles that take optimizer steps in this run."""
         return TRAINABLE_ROLES if self.needs_critic else ("actor",)
+
+    @property
+    def engines_in_actor(self) -> bool:
+        """The rollout engines live inside the actor ranks' processes, one per rank: always under the
+        deepspeed launcher; under Ray with the hf backend and ``rollout.hf_in_actor``, unless generation
+        is asynchronous (it overlaps training, so the engines need processes of their own)."""
+        rollout = self.rollout
+        return self.cluster.launcher == "deepspeed" or (rollout.backend == "hf" and rollout.hf_in_actor
+                                                        and not rollout.async_generation)
 
     @property
     def on_policy_update(self) -> bool:

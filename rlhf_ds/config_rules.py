@@ -139,6 +139,15 @@ def _runtime_rules(cfg: Config):
         yield f"rollout.vllm.cudagraph_capture_sizes must be >= 1, got {bad_sizes}"
 
 
+def _in_actor_rules(cfg: Config):
+    """Engines inside the actor's processes under Ray (``Config.engines_in_actor``): one per actor rank."""
+    engines, ranks = cfg.rollout.num_engines, cfg.actor.num_ranks
+    if cfg.cluster.launcher == "ray" and cfg.engines_in_actor and engines not in (1, ranks):
+        yield (f"rollout.num_engines={engines}, but with rollout.hf_in_actor=true the hf backend runs one engine "
+               f"inside each of the actor's {ranks} rank(s): leave rollout.num_engines at 1 (or {ranks}), or set "
+               f"rollout.hf_in_actor=false for {engines} engines of their own")
+
+
 def _launcher_rules(cfg: Config):
     if cfg.cluster.launcher == "deepspeed":
         # SPMD: every launcher rank holds a shard of every role, so all roles span the same ranks.
@@ -184,8 +193,8 @@ def _evaluation_rules(cfg: Config):
 # loss and launcher rules (which concern the RL roles) do not bind them.
 _RULES = {
     "rl": (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules, _launcher_rules,
-           _logging_rules, _stage_rules),
-    "sft": (_evaluation_rules, _runtime_rules, _logging_rules, _stage_rules),
+           _in_actor_rules, _logging_rules, _stage_rules),
+    "sft": (_evaluation_rules, _runtime_rules, _in_actor_rules, _logging_rules, _stage_rules),
     "rm": (_runtime_rules, _logging_rules, _stage_rules),
 }
 

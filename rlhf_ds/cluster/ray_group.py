@@ -27,23 +27,30 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
 from rlhf_ds.cluster.placement import PlacementPlan
 from rlhf_ds.cluster.reaper import start_reaper
+from rlhf_ds.rollout.weights import load_in_process
+
+
+def _hosted(host: str) -> str:
+    return f" (in the processes of role {host!r})" if host else ""
 
 
 class WorkerFailure(RuntimeError):
-    """A rank of a role group raised or died; carries the role, the rank and the worker's own error."""
+    """A rank of a role group raised or died; carries the role, the rank and the worker's own error.
+    ``host``: the role whose processes the worker lives in, when not its own (``RoleGroup.attach``)."""
 
-    def __init__(self, role: str, rank: int, cause: BaseException):
+    def __init__(self, role: str, rank: int, cause: BaseException, host: str = ""):
         self.role, self.rank, self.cause = role, rank, cause
-        super().__init__(f"role {role!r} rank {rank} failed: {_describe(cause)}")
+        super().__init__(f"role {role!r} rank {rank}{_hosted(host)} failed: {_describe(cause)}")
 
 
 class WorkerTimeout(RuntimeError):
     """Ranks of a role group that did not answer within ``cluster.call_timeout_s``."""
 
-    def __init__(self, role: str, ranks: list[int], timeout_s: float):
+    def __init__(self, role: str, ranks: list[int], timeout_s: float, host: str = ""):
         self.role, self.ranks = role, ranks
-        super().__init__(f"role {role!r} rank(s) {ranks} did not answer within cluster.call_timeout_s="
-                         f"{timeout_s:g} s (stopped, hung in a collective, or too slow: raise the deadline)")
+        super().__init__(f"role {role!r} rank(s) {ranks}{_hosted(host)} did not answer within "
+                         f"cluster.call_timeout_s={timeout_s:g} s (stopped, hung in a collective, or too slow: "
+                         f"raise the deadline)")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -59,7 +66,9 @@ def _describe(err: BaseException) -> str:
 
 
 class RankHost:
-    """Hosts one plain worker object of one rank inside a Ray actor process."""
+    """Hosts the plain worker object of one rank inside a Ray actor process, and the workers of other
+    roles living in the same process (``RoleGroup.attach``: rollout engines inside the actor's processes, ``rollout.hf_in_actor``),
+    each reached by its role's name."""
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
         os.environ.update(env)
@@ -67,7 +76,7 @@ class RankHost:
 
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
         self.role, self.rank, self.world_size = role, rank, world_size
-        self.worker = None
+        self.workers: dict[str, Any] = {}
 
     def address(self) -> tuple[str, int]:
         """This node's IP and a free TCP port, for the rendezvous of the role's process group."""
@@ -81,16 +90,25 @@ class RankHost:
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
                           WORLD_SIZE=str(self.world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         # Ray gives each actor only its own GPU (CUDA_VISIBLE_DEVICES), so the local device is always 0.
-        self.worker = worker_cls(*args, **kwargs)
+        self.workers[self.role] = worker_cls(*args, **kwargs)
 
-    def call(self, method: str, args: tuple, kwargs: dict) -> Any:
+    def attach_worker(self, role: str, worker_cls: type, args: tuple, kwargs: dict) -> None:
+        """Build ``role``'s worker in this process, next to the rank's own (after ``init_worker``)."""
+        self.workers[role] = worker_cls(*args, **kwargs)
+
+    def call(self, role: str, method: str, args: tuple, kwargs: dict) -> Any:
         # Large arguments (weight buckets) travel as object refs: fetched here, from shared memory.
         args = tuple(ray.get(a) if isinstance(a, ray.ObjectRef) else a for a in args)
-        return getattr(self.worker, method)(*args, **kwargs)
+        return getattr(self.workers[role], method)(*args, **kwargs)
 
-    def apply(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
-        """Run ``fn(worker, rank, *args, **kwargs)`` here (for work that must stay in the rank's process)."""
-        return fn(self.worker, self.rank, *args, **kwargs)
+    def apply(self, role: str, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run ``fn(worker, rank, *args, **kwargs)`` here with ``role``'s worker (for work that must stay in
+        the rank's process)."""
+        return fn(self.workers[role], self.rank, *args, **kwargs)
+
+    def load_attached_engine(self, role: str, bucket_bytes: int, version: str) -> int:
+        """Weight sync into the engine ``role`` hosted here: gathered and loaded in memory, no transfer."""
+        return load_in_process(self.workers[self.role], self.workers[role], bucket_bytes, version)
 
 
 RemoteRankHost = ray.remote(RankHost)
@@ -100,7 +118,8 @@ RemoteRankHost = ray.remote(RankHost)
 _BUCKETS_IN_FLIGHT = 2
 
 
-def _push_through_object_store(actor_worker: Any, rank: int, engine_handles: list, bucket_bytes: int) -> int:
+def _push_through_object_store(actor_worker: Any, rank: int, engine_handles: list, engine_role: str,
+                               bucket_bytes: int) -> int:
     """Runs in each actor rank's process (``RoleGroup.apply_all``): every rank takes part in the gathers;
     rank 0 puts each bucket in Ray's shared-memory object store once, and every engine reads it from there
     (zero-copy on the same node) and loads it. Returns the tensors sent (0 off rank 0)."""
@@ -113,7 +132,7 @@ def _push_through_object_store(actor_worker: Any, rank: int, engine_handles: lis
         ref = ray.put(bucket)
         if len(in_flight) >= _BUCKETS_IN_FLIGHT:
             ray.get(in_flight.pop(0))
-        in_flight.append([h.call.remote("update_weights", (ref,), {}) for h in engine_handles])
+        in_flight.append([h.call.remote(engine_role, "update_weights", (ref,), {}) for h in engine_handles])
     for futures in in_flight:
         ray.get(futures)
     return count if rank == 0 else 0
@@ -123,11 +142,11 @@ class _EngineClient:
     """vLLM's weight-sync client protocol over the rollout group's engines (the control plane of the
     NCCL / IPC transfers in ``rollout.vllm_transfer``): each call fans out to every engine and waits."""
 
-    def __init__(self, handles: list, tensor_parallel_size: int):
-        self.handles, self.tensor_parallel_size = handles, tensor_parallel_size
+    def __init__(self, handles: list, role: str, tensor_parallel_size: int):
+        self.handles, self.role, self.tensor_parallel_size = handles, role, tensor_parallel_size
 
     def _all(self, method: str, per_engine_args: list[tuple]) -> None:
-        ray.get([h.call.remote(method, args, {}) for h, args in zip(self.handles, per_engine_args)])
+        ray.get([h.call.remote(self.role, method, args, {}) for h, args in zip(self.handles, per_engine_args)])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         from rlhf_ds.rollout.vllm_transfer import engine_init_info
@@ -153,8 +172,8 @@ class _EngineClient:
 _OPEN_TRANSFERS: dict[str, Any] = {}
 
 
-def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: list, backend: str,
-                                tensor_parallel_size: int, bucket_bytes: int) -> int:
+def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: list, engine_role: str,
+                                backend: str, tensor_parallel_size: int, bucket_bytes: int) -> int:
     """Runs in each actor rank's process: vLLM's NCCL / IPC trainer engine sends the gathered buckets
     straight to the engines' GPUs (rank 0 sends; every rank takes part in the gathers)."""
     from rlhf_ds.rollout.vllm_transfer import nccl_world_size, open_transfer
@@ -168,7 +187,7 @@ def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: li
                 port = sock.getsockname()[1]
             rendezvous = {"master_address": ray.util.get_node_ip_address(), "master_port": port,
                           "world_size": nccl_world_size(len(engine_handles), tensor_parallel_size)}
-        _OPEN_TRANSFERS[key] = open_transfer(backend, _EngineClient(engine_handles, tensor_parallel_size),
+        _OPEN_TRANSFERS[key] = open_transfer(backend, _EngineClient(engine_handles, engine_role, tensor_parallel_size),
                                              actor_worker, rank, bucket_bytes, **rendezvous)
     _OPEN_TRANSFERS[key].send_weights()
     return len(actor_worker.weight_manifest()) if rank == 0 else 0
@@ -192,6 +211,7 @@ class RoleGroup:
     - ``dispatch(method, batch, *args)``: rows split into equal contiguous shards by rank; the rank
       results are concatenated back in order.
     Both have ``*_async`` forms returning a :class:`Pending`, so the driver can overlap roles.
+    ``attach`` puts another role's workers into this group's processes and returns that role's group.
     """
 
     def __init__(self, role: str, worker_cls: type, plan: PlacementPlan, pools: dict[str, PlacementGroup],
@@ -200,6 +220,7 @@ class RoleGroup:
                  call_timeout_s: float = 1800.0):
         self.role, self.call_timeout_s = role, call_timeout_s
         self._sync_plan = None   # (the actor's weight manifest, the engines' direct transfer) once known
+        self.host: RoleGroup | None = None   # the group whose processes host this one's workers (attach)
         placement = plan.roles[role]
         resources = plan.rank_resources(role, use_gpu, cpus_per_worker)
         self.num_ranks = len(placement.bundle_indices)
@@ -216,9 +237,18 @@ class RoleGroup:
         self._wait([h.init_worker.remote(worker_cls, master_addr, master_port, tuple(worker_args),
                                          dict(worker_kwargs or {})) for h in self.handles])
 
+    def attach(self, role: str, worker_cls: type, worker_args: Sequence = ()) -> "RoleGroup":
+        """Build one ``role`` worker inside each of this group's rank processes (rank i next to rank i)
+        and return ``role``'s group over them; it is shut down with this one."""
+        self._wait([h.attach_worker.remote(role, worker_cls, tuple(worker_args), {}) for h in self.handles])
+        group = RoleGroup.__new__(RoleGroup)
+        group.role, group.call_timeout_s, group._sync_plan = role, self.call_timeout_s, None
+        group.host, group.handles, group.num_ranks = self, self.handles, self.num_ranks
+        return group
+
     # -- fan-out verbs -------------------------------------------------------------------------------
     def run_all_async(self, method: str, *args, **kwargs) -> Pending:
-        return Pending(self, [h.call.remote(method, args, kwargs) for h in self.handles], concat=False)
+        return Pending(self, [h.call.remote(self.role, method, args, kwargs) for h in self.handles], concat=False)
 
     def run_all(self, method: str, *args, **kwargs) -> list:
         return self.run_all_async(method, *args, **kwargs).get()
@@ -227,7 +257,7 @@ class RoleGroup:
                        **kwargs) -> Pending:
         """``concat=False`` returns the list of rank results (e.g. metrics already combined by the ranks)."""
         shards = split_by_rank(batch, self.num_ranks, even=even)
-        futures = [h.call.remote(method, (shard,) + args, kwargs) for h, shard in zip(self.handles, shards)]
+        futures = [h.call.remote(self.role, method, (shard,) + args, kwargs) for h, shard in zip(self.handles, shards)]
         return Pending(self, futures, concat=concat)
 
     def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:
@@ -235,23 +265,27 @@ class RoleGroup:
 
     def apply_all(self, fn: Callable, *args, **kwargs) -> list:
         """``fn(worker, rank, *args, **kwargs)`` on every rank, in the rank's own process."""
-        return self._wait([h.apply.remote(fn, args, kwargs) for h in self.handles])
+        return self._wait([h.apply.remote(self.role, fn, args, kwargs) for h in self.handles])
 
     def sync_weights(self, rollout: "RoleGroup", bucket_mb: float, version: str) -> int:
         """The update protocol of ``rollout.weights``: the engines check the actor's manifest, every actor
         rank gathers each bucket and rank 0 sends it (Ray's object store, or vLLM's NCCL / IPC transfer
-        on GPUs), then the engines put the new weights live at once."""
+        on GPUs), then the engines put the new weights live at once. Engines hosted in this group's
+        processes (``attach``) are loaded there, in memory, in one call per rank."""
         bucket_bytes = int(bucket_mb * 2 ** 20)
+        if rollout.host is self:
+            return self._wait([h.load_attached_engine.remote(rollout.role, bucket_bytes, version)
+                               for h in self.handles])[0]
         if self._sync_plan is None:   # fixed for the run: asked once (two round trips fewer per sync)
             self._sync_plan = (self.run_all("weight_manifest")[0], rollout.run_all("direct_transfer")[0])
         manifest, direct = self._sync_plan
         rollout.run_all("start_weight_update", manifest, version)
         if direct is None:
-            counts = self.apply_all(_push_through_object_store, rollout.handles, bucket_bytes)
+            counts = self.apply_all(_push_through_object_store, rollout.handles, rollout.role, bucket_bytes)
         else:
             backend, tensor_parallel_size = direct
-            counts = self.apply_all(_push_through_vllm_transfer, rollout.handles, backend, tensor_parallel_size,
-                                    bucket_bytes)
+            counts = self.apply_all(_push_through_vllm_transfer, rollout.handles, rollout.role, backend,
+                                    tensor_parallel_size, bucket_bytes)
         rollout.run_all("finish_weight_update")
         return counts[0]
 
@@ -263,16 +297,19 @@ class RoleGroup:
         deadline = time.monotonic() + self.call_timeout_s
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            host = self.host.role if self.host is not None else ""
             if not ready:
-                raise WorkerTimeout(self.role, sorted(rank_of[ref] for ref in pending), self.call_timeout_s)
+                raise WorkerTimeout(self.role, sorted(rank_of[ref] for ref in pending), self.call_timeout_s, host)
             for ref in ready:
                 try:
                     results[rank_of[ref]] = ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - re-raised with the role and rank
-                    raise WorkerFailure(self.role, rank_of[ref], err) from None
+                    raise WorkerFailure(self.role, rank_of[ref], err, host) from None
         return results
 
     def shutdown(self) -> None:
+        if self.host is not None:   # the hosting group's processes: killed with it
+            return
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
 

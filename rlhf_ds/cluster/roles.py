@@ -121,6 +121,9 @@ def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec
     from rlhf_ds.engine.dist import has_gpu
 
     use_gpu = has_gpu() if not (cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")) else None
+    # the engines live in the actor's processes (Config.engines_in_actor), taking no resources of their own
+    in_actor = bool(cfg.engines_in_actor and ranks.get("rollout") and ranks.get("actor"))
+    ranks = dict(ranks, rollout=0) if in_actor else ranks
     plan = plan_placement(ranks, cfg.cluster.colocate)
     started = start_ray(cfg.cluster.ray_address, plan.total_cpus(bool(use_gpu), cfg.cluster.cpus_per_worker))
     if use_gpu is None:   # joined a cluster: its resources decide, not the driver's host
@@ -142,6 +145,8 @@ def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec
                               call_timeout_s=cfg.cluster.call_timeout_s)
             roles._cleanup.append(group.shutdown)
             setattr(roles, name, group)
+        if in_actor:
+            roles.rollout = roles.actor.attach("rollout", *spec(cfg, "rollout"))
     except BaseException:
         roles.shutdown()
         raise

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
+from rlhf_ds.rollout.weights import load_in_process
 
 
 def _world() -> tuple[int, int]:
@@ -64,16 +65,8 @@ class SpmdGroup:
         return _Done(self.dispatch(method, batch, *args, even=even, concat=concat, **kwargs))
 
     def sync_weights(self, rollout: "SpmdGroup", bucket_mb: float, version: str) -> int:
-        """Every rank gathers each bucket (collective) and loads it into its own engine (the protocol of
-        ``rollout.weights``: manifest checked first, the new weights live at the end)."""
-        engine = rollout._worker
-        engine.start_weight_update(self._worker.weight_manifest(), version)
-        count = 0
-        for bucket in self._worker.weight_buckets(int(bucket_mb * 2 ** 20)):
-            engine.update_weights(bucket)
-            count += len(bucket)
-        engine.finish_weight_update()
-        return count
+        """Every rank gathers each bucket (collective) and loads it into its own engine, in memory."""
+        return load_in_process(self._worker, rollout._worker, int(bucket_mb * 2 ** 20), version)
 
     def shutdown(self) -> None:
         self._worker = None

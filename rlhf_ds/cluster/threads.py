@@ -17,13 +17,18 @@ def stage_roles(cfg: Any) -> dict[str, tuple[str, ...]]:
     passes = ("reference", "critic") + (() if cfg.on_policy_update else ("actor",))
     # asynchronous generation: the engines work through every stage of the step before
     overlap = ("rollout",) if cfg.rollout.async_generation else ()
-    return {"rollout": ("rollout",), "scores": ("reward",) + overlap, "passes": passes + overlap,
+    # engines inside the actor's processes: those generate, with the actor's threads
+    engines = ("actor",) if cfg.engines_in_actor else ("rollout",)
+    return {"rollout": engines, "scores": ("reward",) + overlap, "passes": passes + overlap,
             "train": ("actor", "critic") + overlap}
 
 
 def worker_threads(cfg: Any, role_ranks: dict[str, int], cores: int) -> dict[str, int]:
-    """Threads of each rank of each role in use: ``cluster.threads_per_worker`` when set, else
-    ``cores`` over the most ranks busy together in the stages the role works in (at least 1)."""
+    """Threads of each rank of each role in use with processes of its own: ``cluster.threads_per_worker``
+    when set, else ``cores`` over the most ranks busy together in the stages the role works in (at least
+    1). Engines inside the actor's processes (``Config.engines_in_actor``) run on the actor's threads."""
+    if cfg.engines_in_actor:   # the engines run in the actor's processes, on its threads
+        role_ranks = dict(role_ranks, rollout=0)
     if cfg.cluster.threads_per_worker > 0:
         return {role: cfg.cluster.threads_per_worker for role, n in role_ranks.items() if n}
     busy = {stage: sum(role_ranks.get(role, 0) for role in roles) for stage, roles in stage_roles(cfg).items()}

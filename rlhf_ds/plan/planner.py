@@ -4,6 +4,8 @@ Placement follows the launcher:
 - Ray: each rank of each role on its own GPU, except the colocated roles (``cluster.colocate``: actor,
   reference and rollout engines share GPUs, as ``cluster.placement`` plans them);
 - deepspeed launcher: every rank holds one rank of every role and its own rollout engine;
+- engines inside the actor's processes (``Config.engines_in_actor``: the hf backend's default under Ray):
+  engine ``i`` in actor rank ``i``'s process, on its device, with no process or CUDA context of its own;
 - CPU (no GPU in the target): every process in the memory of one host.
 A device is judged full at ``USABLE_FRACTION`` of its capacity (allocator caches and fragmentation
 take the rest); every process also pays a fixed runtime cost (CUDA context, Python and libraries).
@@ -150,7 +152,8 @@ def _rollout_processes(cfg: Config, engines: int, target: Target) -> list[Proces
         eval_chunk = min(math.ceil(cfg.data.num_eval / engines), MAX_BATCH_SEQUENCES)
         usage = memory.hf_rollout_usage(shape, dtype_bytes=dtype, sequences=max(train_chunk, eval_chunk),
                                         prompt_len=rollout.max_prompt_len, response_len=rollout.max_response_len)
-    return [Process(f"rollout engine {e}", "rollout", usage) for e in range(engines)]
+    where = " (in actor rank {})" if _inside_actor(cfg, "rollout") else ""
+    return [Process(f"rollout engine {e}" + where.format(e), "rollout", usage) for e in range(engines)]
 
 
 def stage_ranks(cfg: Config, stage: Stage) -> tuple[dict[str, int], frozenset[str]]:
@@ -167,8 +170,8 @@ def stage_ranks(cfg: Config, stage: Stage) -> tuple[dict[str, int], frozenset[st
         ranks, trainable = {"reward": cfg.reward.num_ranks, "rollout": 0}, frozenset({"reward"})
     else:
         raise ValueError(f"unknown stage {stage!r}; valid stages: {', '.join(STAGES)}")
-    if cfg.cluster.launcher == "deepspeed" and ranks["rollout"]:
-        ranks["rollout"] = cfg.actor.num_ranks     # one engine per launcher rank
+    if cfg.engines_in_actor and ranks["rollout"]:
+        ranks["rollout"] = cfg.actor.num_ranks     # one engine per launcher rank, or inside each actor rank
     return ranks, trainable
 
 
@@ -200,11 +203,12 @@ def role_lines(cfg: Config, target: Target, stage: Stage = "rl") -> list[str]:
         lines.append(f"{role}: {n} rank(s){', trained' if role in trainable else ''}, {getattr(cfg, role).ds_config} "
                      f"(offload: {', '.join(offload) or 'none'}), {precision}, micro-batch "
                      f"{ds['train_micro_batch_size_per_gpu']}, {seq}, model {getattr(cfg, role).model_path}")
+    engines = f"rollout: {ranks['rollout']} {cfg.rollout.backend} engine(s)" + (
+        " inside the actor's processes" if cfg.engines_in_actor else "")
     if ranks["rollout"] and stage == "rl":
-        lines.append(f"rollout: {ranks['rollout']} {cfg.rollout.backend} engine(s), {cfg.rollout.n} samples x "
-                     f"{cfg.data.prompts_per_step} prompts per step, {seq}")
+        lines.append(f"{engines}, {cfg.rollout.n} samples x {cfg.data.prompts_per_step} prompts per step, {seq}")
     elif ranks["rollout"]:
-        lines.append(f"rollout: {ranks['rollout']} {cfg.rollout.backend} engine(s) for held-out evaluation, {seq}")
+        lines.append(f"{engines} for held-out evaluation, {seq}")
     return lines
 
 
@@ -216,11 +220,20 @@ def _gpu_of_each_process(cfg: Config, processes: dict[str, list[Process]]) -> di
         return {role: list(range(len(procs))) for role, procs in processes.items()}
     from rlhf_ds.cluster.placement import plan_placement
 
-    placement = plan_placement({role: len(procs) for role, procs in processes.items()}, cfg.cluster.colocate)
+    placed = {role: len(procs) for role, procs in processes.items() if not _inside_actor(cfg, role)}
+    placement = plan_placement(placed, cfg.cluster.colocate)
     first_gpu, next_gpu = {}, 0
     for pool, size in placement.pool_sizes.items():
         first_gpu[pool], next_gpu = next_gpu, next_gpu + size
-    return {role: [first_gpu[p.pool] + b for b in p.bundle_indices] for role, p in placement.roles.items()}
+    gpus = {role: [first_gpu[p.pool] + b for b in p.bundle_indices] for role, p in placement.roles.items()}
+    if "rollout" in processes and "rollout" not in gpus:
+        gpus["rollout"] = gpus["actor"]
+    return gpus
+
+
+def _inside_actor(cfg: Config, role: str) -> bool:
+    """Rollout engines living in the actor's processes (under Ray: ``rollout.hf_in_actor``)."""
+    return role == "rollout" and cfg.engines_in_actor and cfg.cluster.launcher == "ray"
 
 
 def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
@@ -234,7 +247,8 @@ def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
                 merged = {**p.usage.device}
                 for what, nbytes in p.usage.host.items():
                     merged[what] = merged.get(what, 0) + nbytes
-                merged["process runtime"] = PROCESS_HOST_BYTES
+                if not _inside_actor(cfg, p.role):
+                    merged["process runtime"] = PROCESS_HOST_BYTES
                 host.parts.append((p.label, p.role, merged))
         return Plan(target, [host])
     gpu_of = _gpu_of_each_process(cfg, processes)
@@ -242,10 +256,11 @@ def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
     gpus = [DevicePlan(f"gpu {g}", target.gpu_memory) for g in range(num_gpus)]
     nodes = [DevicePlan(f"host {n}", target.host_memory) for n in range(math.ceil(num_gpus / target.gpus_per_node))]
     for role, procs in processes.items():
+        own_process = {} if _inside_actor(cfg, role) else {"CUDA context": CUDA_CONTEXT_BYTES}
         for p, g in zip(procs, gpu_of[role]):
-            gpus[g].parts.append((p.label, role, {**p.usage.device, "CUDA context": CUDA_CONTEXT_BYTES}))
-            nodes[g // target.gpus_per_node].parts.append(
-                (p.label, role, {**p.usage.host, "process runtime": PROCESS_HOST_BYTES}))
+            gpus[g].parts.append((p.label, role, {**p.usage.device, **own_process}))
+            runtime = {"process runtime": PROCESS_HOST_BYTES} if own_process else {}
+            nodes[g // target.gpus_per_node].parts.append((p.label, role, {**p.usage.host, **runtime}))
     return Plan(target, gpus + nodes)
 
 

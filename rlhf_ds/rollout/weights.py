@@ -108,3 +108,17 @@ class UpdateSession:
         if self.position != len(self.manifest):
             raise WeightMismatch(f"{self.engine}: {self.position} of {len(self.manifest)} announced parameters "
                                  f"arrived; the update is dropped and the engine keeps its weights")
+
+
+def load_in_process(actor_worker, engine, bucket_bytes: int, version: str) -> int:
+    """One update of an engine living in the actor rank's own process (the deepspeed launcher's ranks,
+    ``rollout.hf_in_actor`` under Ray): the manifest checked first, every bucket gathered (collective: every
+    actor rank walks them all) and handed over in memory, the new weights live at the end. Returns the
+    tensors loaded."""
+    engine.start_weight_update(actor_worker.weight_manifest(), version)
+    count = 0
+    for bucket in actor_worker.weight_buckets(bucket_bytes):
+        engine.update_weights(bucket)
+        count += len(bucket)
+    engine.finish_weight_update()
+    return count

@@ -79,3 +79,33 @@ def test_each_role_forms_its_own_group_and_dispatch_keeps_rank_order(pools):
     finally:
         actor.shutdown()
         critic.shutdown()
+
+
+class Guest:
+    """A second worker living in a rank's process (RoleGroup.attach)."""
+
+    def __init__(self, tag: str):
+        self.tag, self.pid = tag, os.getpid()
+
+    def where(self):
+        return self.tag, self.pid
+
+    def fail(self):
+        raise RuntimeError("guest failed")
+
+
+def test_an_attached_role_lives_in_the_hosts_processes_and_failures_name_both(pools):
+    plan, made = pools
+    actor = _group("actor", plan, made)
+    try:
+        guest = actor.attach("rollout", Guest, ("guest",))
+        host_pids = actor.apply_all(lambda _worker, _rank: os.getpid())
+        assert guest.run_all("where") == [("guest", pid) for pid in host_pids]
+        assert actor.run_all("info") == [("actor", 0, 2), ("actor", 1, 2)]   # the host's worker is untouched
+        with pytest.raises(WorkerFailure, match=r"(?s)role 'rollout' rank [01] \(in the processes of role 'actor'\) "
+                                                r"failed: .*guest failed"):
+            guest.run_all("fail")
+        guest.shutdown()   # the host's processes stay: they are the host group's to end
+        assert actor.run_all("info") == [("actor", 0, 2), ("actor", 1, 2)]
+    finally:
+        actor.shutdown()

@@ -102,6 +102,30 @@ def test_ppo_all_four_roles(ray_session, tmp_path):
     _check_run(cfg, out, ["actor", "critic"])
 
 
+def test_engines_inside_the_actor_train_exactly_as_engines_of_their_own(ray_session, tmp_path):
+    """rollout.hf_in_actor: engine i inside actor rank i's process, synced by an in-memory copy, draws the
+    same samples as engine i in a process of its own (same seed, same rank, same weights), so the two runs
+    are the same run: every step's rewards, losses and gradient norm, the held-out accuracy and the final
+    weights. A sync that missed a tensor, or an engine serving stale weights, changes step 2 onwards."""
+    runs = {}
+    for inside in (True, False):
+        out = str(tmp_path / f"inside_{inside}")
+        cfg = load_config("grpo_tiny", tiny_overrides(out) + [
+            "actor.num_ranks=2", "rollout.num_engines=2", f"rollout.hf_in_actor={str(inside).lower()}",
+            "trainer.max_steps=3", "trainer.save_interval=0"])
+        assert cfg.engines_in_actor == inside
+        run_training(cfg, log=lambda *_: None, show_progress=False)
+        runs[inside] = (_rows(out), load_file(os.path.join(out, "actor_hf", "model.safetensors")))
+    (inside_rows, inside_actor), (own_rows, own_actor) = runs[True], runs[False]
+    assert [r["step"] for r in inside_rows] == [0, 1, 2, 3]
+    for got, want in zip(inside_rows[1:], own_rows[1:]):
+        for key in ("reward/mean", "response/length", "actor/policy_loss", "actor/grad_norm", "actor/entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-8), (got["step"], key)
+    assert inside_rows[-1]["eval/accuracy"] == own_rows[-1]["eval/accuracy"]
+    assert max((inside_actor[k] - own_actor[k]).abs().max().item() for k in own_actor) < 1e-6
+    assert inside_rows[-1]["timing/sync_s"] > 0
+
+
 def test_bench_reports_every_figure(ray_session, tmp_path):
     cfg = load_config("grpo_tiny", tiny_overrides(tmp_path / "bench"))
     result = run_bench(cfg, 3, log=lambda *_: None)

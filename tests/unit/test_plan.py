@@ -4,7 +4,7 @@ before a run that cannot fit. (Engines vs plan: tests/dist/test_plan_engines.py.
 import pytest
 
 from rlhf_ds import cli
-from rlhf_ds.config import load_config
+from rlhf_ds.config import ConfigError, load_config
 from rlhf_ds.plan import planner
 from rlhf_ds.plan.advice import suggest_fixes
 from rlhf_ds.plan.memory import (GiB, ZeroSettings, activation_bytes, engine_rank_usage, model_state_bytes,
@@ -109,6 +109,22 @@ def test_devices_follow_placement_and_colocation():
     assert [d.roles() for d in spmd.devices if d.name.startswith("gpu")] == [["actor", "reference", "rollout"]] * 4
 
 
+def test_hf_engines_inside_the_actor_share_its_devices_without_a_process_of_their_own():
+    target = Target(80 * GiB, 1024 * GiB)
+    inside = plan_run(_gsm8k("rollout.backend=hf", "rollout.num_engines=1"), target)
+    gpus = [d for d in inside.devices if d.name.startswith("gpu")]
+    assert len(gpus) == 4 + 2 and [d.roles() for d in gpus] == [["actor", "rollout"]] * 4 + [["reference"]] * 2
+    engine = [bytes_ for label, _, bytes_ in gpus[3].parts if label == "rollout engine 3 (in actor rank 3)"]
+    assert engine and "CUDA context" not in engine[0]   # the actor rank's process has the one context
+    own = plan_run(_gsm8k("rollout.backend=hf", "rollout.hf_in_actor=false"), target)
+    assert [d.roles() for d in own.devices if d.name.startswith("gpu")][-2:] == [["rollout"]] * 2
+    # asynchronous generation overlaps training: its engines keep processes of their own
+    ahead = plan_run(_gsm8k("rollout.backend=hf", "rollout.async_generation=true"), target)
+    assert [d.roles() for d in ahead.devices if d.name.startswith("gpu")][-2:] == [["rollout"]] * 2
+    with pytest.raises(ConfigError, match=r"rollout.num_engines=3, but with rollout.hf_in_actor=true .* 4 rank"):
+        _gsm8k("rollout.backend=hf", "rollout.num_engines=3")
+
+
 def test_a_run_that_does_not_fit_gets_fixes_that_are_planned_again():
     target = Target(80 * GiB, 1024 * GiB)
     changes = ["rollout.max_response_len=256", "actor.gradient_checkpointing=false", "actor.micro_batch_size=64",
@@ -148,7 +164,7 @@ def test_cli_plan_prints_the_breakdown_and_exits_1_when_it_does_not_fit(capsys):
     assert "gpu 0: " in out and "DOES NOT FIT" in out
     assert "changes that make it fit" in out or "closest found" in out
     # the HF engine keeps one decoding step's logits, not every step's: 512 x 1024 tokens fit on 80 GiB
-    assert cli.main(qwen + ["rollout.backend=hf", "--gpu-memory-gib", "80"]) == 0
+    assert cli.main(qwen + ["rollout.backend=hf", "rollout.hf_in_actor=false", "--gpu-memory-gib", "80"]) == 0
     assert "logits of the step decoded 1.01 GiB" in capsys.readouterr().out
 
 

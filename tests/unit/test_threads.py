@@ -11,18 +11,27 @@ def _threads(recipe, *overrides, cores=2):
     return worker_threads(cfg, role_ranks(cfg), cores)
 
 
+SEPARATE = "rollout.hf_in_actor=false"   # engines as Ray actors of their own
+
+
 def test_grpo_default_every_stage_has_one_worker_so_each_takes_both_cores():
-    assert _threads("grpo_tiny") == {"actor": 2, "rollout": 2}
+    assert _threads("grpo_tiny", SEPARATE) == {"actor": 2, "rollout": 2}
+    # the default: the engine inside the actor's process generates on the actor's threads
+    assert _threads("grpo_tiny") == {"actor": 2}
+    assert _threads("grpo_tiny", "actor.num_ranks=2") == {"actor": 1}   # two ranks generate at once
 
 
 def test_concurrent_ranks_and_roles_share_the_cores():
-    assert _threads("grpo_tiny", "actor.num_ranks=2") == {"actor": 1, "rollout": 2}
-    assert _threads("grpo_tiny", "rollout.num_engines=2", cores=8) == {"actor": 8, "rollout": 4}
+    assert _threads("grpo_tiny", SEPARATE, "actor.num_ranks=2") == {"actor": 1, "rollout": 2}
+    assert _threads("grpo_tiny", SEPARATE, "rollout.num_engines=2", cores=8) == {"actor": 8, "rollout": 4}
     # PPO: reference and critic passes run together (and the actor's: not an on-policy update)
-    threads = _threads("ppo_tiny", *PPO_ROLES)
+    threads = _threads("ppo_tiny", SEPARATE, *PPO_ROLES)
     assert threads["reference"] == threads["critic"] == threads["actor"] == 1 and threads["rollout"] == 2
-    assert _threads("ppo_tiny", *PPO_ROLES, cores=16) == {"actor": 5, "critic": 5, "reference": 5, "rollout": 16}
+    assert _threads("ppo_tiny", SEPARATE, *PPO_ROLES, cores=16) == {"actor": 5, "critic": 5, "reference": 5,
+                                                                    "rollout": 16}
+    # asynchronous generation keeps engines of their own, busy in every stage
+    assert _threads("grpo_tiny", "rollout.async_generation=true") == {"actor": 1, "rollout": 1}
 
 
 def test_explicit_threads_win():
-    assert _threads("grpo_tiny", "cluster.threads_per_worker=1") == {"actor": 1, "rollout": 1}
+    assert _threads("grpo_tiny", SEPARATE, "cluster.threads_per_worker=1") == {"actor": 1, "rollout": 1}
