@@ -64,6 +64,9 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         torch.cuda.set_device(get_device())
     else:
         _skip_shm_comm_build()
+        # DeepSpeed's CPU accelerator counts its devices from LOCAL_SIZE (the deepspeed launcher sets it),
+        # else by running `numactl --hardware` in a subprocess at every call: once per training step.
+        os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
     # torch deprecates the collective names DeepSpeed still calls, once per call site and rank.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
