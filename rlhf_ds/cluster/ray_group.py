@@ -67,8 +67,8 @@ def _describe(err: BaseException) -> str:
 
 class RankHost:
     """Hosts the plain worker object of one rank inside a Ray actor process, and the workers of other
-    roles living in the same process (``RoleGroup.attach``: rollout engines inside the actor's processes, ``rollout.hf_in_actor``),
-    each reached by its role's name."""
+    roles living in the same process (``RoleGroup.attach``: the HF engines inside the actor's processes,
+    ``rollout.hf_in_actor``), each reached by its role's name."""
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
         os.environ.update(env)
@@ -187,8 +187,8 @@ def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: li
                 port = sock.getsockname()[1]
             rendezvous = {"master_address": ray.util.get_node_ip_address(), "master_port": port,
                           "world_size": nccl_world_size(len(engine_handles), tensor_parallel_size)}
-        _OPEN_TRANSFERS[key] = open_transfer(backend, _EngineClient(engine_handles, engine_role, tensor_parallel_size),
-                                             actor_worker, rank, bucket_bytes, **rendezvous)
+        client = _EngineClient(engine_handles, engine_role, tensor_parallel_size)
+        _OPEN_TRANSFERS[key] = open_transfer(backend, client, actor_worker, rank, bucket_bytes, **rendezvous)
     _OPEN_TRANSFERS[key].send_weights()
     return len(actor_worker.weight_manifest()) if rank == 0 else 0
 
@@ -257,7 +257,8 @@ class RoleGroup:
                        **kwargs) -> Pending:
         """``concat=False`` returns the list of rank results (e.g. metrics already combined by the ranks)."""
         shards = split_by_rank(batch, self.num_ranks, even=even)
-        futures = [h.call.remote(self.role, method, (shard,) + args, kwargs) for h, shard in zip(self.handles, shards)]
+        futures = [h.call.remote(self.role, method, (shard,) + args, kwargs)
+                   for h, shard in zip(self.handles, shards)]
         return Pending(self, futures, concat=concat)
 
     def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:

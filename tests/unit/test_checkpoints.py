@@ -136,7 +136,7 @@ def test_resume_accepts_harmless_changes_and_says_which(tmp_path):
                                     "trainer.max_steps=1000", "actor.micro_batch_size=32"])
     assert check_resume(cfg, log=said.append) == step_dir(str(tmp_path), 3)
     assert "actor.lr: 0.0002 -> 5e-05" in said[0] and "trainer.max_steps: 1500 -> 1000" in said[0]
-    assert "actor.micro_batch_size: 64 -> 32" in said[0]
+    assert "actor.micro_batch_size: 128 -> 32" in said[0]
 
 
 def test_resume_with_other_rank_counts_is_refused_with_what_to_do(tmp_path):

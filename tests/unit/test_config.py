@@ -282,9 +282,10 @@ def test_rollout_batch_divisible_by_mini_batch():
 
 
 def test_mini_batch_divisible_by_actor_ranks_times_micro():
-    load("actor.num_ranks=4")  # 4 * 64 = 256
+    load("actor.num_ranks=2")  # 2 * 128 = 256
+    load("actor.num_ranks=4", "actor.micro_batch_size=64")  # 4 * 64 = 256
     assert_rule(["actor.num_ranks=3"], "algo.mini_batch_size=256 must be divisible by "
-                "actor.num_ranks * actor.micro_batch_size = 3 * 64 = 192")
+                "actor.num_ranks * actor.micro_batch_size = 3 * 128 = 384")
 
 
 def test_critic_layout_checked_only_when_critic_is_used():
@@ -455,7 +456,8 @@ def test_inference_roles_ranks_divide_the_step_and_prompt_mean_keeps_groups_whol
     assert load(*ref, "reference.num_ranks=4").reference.num_ranks == 4
     assert_rule(["algo.loss_reduction=prompt_mean", "algo.mini_batch_size=4", "actor.micro_batch_size=4",
                  "rollout.n=8"], "algo.mini_batch_size=4 must be a multiple of rollout.n=8")
-    assert load("algo.loss_reduction=prompt_mean", "algo.mini_batch_size=64").algo.mini_batch_size == 64
+    assert load("algo.loss_reduction=prompt_mean", "algo.mini_batch_size=64",
+                "actor.micro_batch_size=64").algo.mini_batch_size == 64
 
 
 def test_token_mean_legacy_needs_equal_actor_and_critic_micro_batches():

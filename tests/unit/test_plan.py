@@ -156,7 +156,7 @@ def test_cli_plan_prints_the_breakdown_and_exits_1_when_it_does_not_fit(capsys):
     assert cli.main(["plan", "grpo_tiny", "--host-memory-gib", "16"]) == 0
     out = capsys.readouterr().out
     assert "actor rank 0" in out and "optimizer states (partition)" in out and "verdict: the run fits." in out
-    assert "actor: 1 rank(s), trained, ds_configs/zero3_train.json (offload: none), fp32, micro-batch 64" in out
+    assert "actor: 1 rank(s), trained, ds_configs/zero3_train.json (offload: none), fp32, micro-batch 128" in out
     qwen = ["plan", "grpo_qwen2.5_1.5b_gsm8k", "actor.model_path=shape:qwen2.5-1.5b",
             "reference.model_path=shape:qwen2.5-1.5b"]
     assert cli.main(qwen + ["--gpu-memory-gib", "24"]) == 1
