@@ -15,7 +15,8 @@ LAYOUTS = [(1, 4), (2, 4), (2, 1)]   # (actor.num_ranks, actor.micro_batch_size)
 
 def _first_step(tmp_path, ranks, micro):
     cfg = load_config("grpo_tiny", tiny_overrides(tmp_path / f"r{ranks}m{micro}") + [
-        f"actor.num_ranks={ranks}", f"actor.micro_batch_size={micro}", "rollout.num_engines=1"])
+        f"actor.num_ranks={ranks}", f"actor.micro_batch_size={micro}", "rollout.num_engines=1",
+        "rollout.hf_in_actor=false"])   # one engine whatever the actor's ranks (inside it: one per rank)
     trainer, runner = build_trainer(cfg, show_progress=False)
     try:
         trainer.step = 1
