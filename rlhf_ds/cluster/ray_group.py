@@ -218,21 +218,19 @@ class RoleGroup:
                  *, use_gpu: bool, cpus_per_worker: float, worker_args: Sequence = (),
                  worker_kwargs: dict | None = None, env: dict[str, str] | None = None,
                  call_timeout_s: float = 1800.0):
-        self.role, self.call_timeout_s = role, call_timeout_s
-        self._sync_plan = None   # (the actor's weight manifest, the engines' direct transfer) once known
-        self.host: RoleGroup | None = None   # the group whose processes host this one's workers (attach)
         placement = plan.roles[role]
         resources = plan.rank_resources(role, use_gpu, cpus_per_worker)
-        self.num_ranks = len(placement.bundle_indices)
+        num_ranks = len(placement.bundle_indices)
         env = dict(env or {})
-        self.handles = [
+        handles = [
             RemoteRankHost.options(
                 **resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pools[placement.pool], placement_group_bundle_index=bundle),
-            ).remote(role, rank, self.num_ranks, env)
+            ).remote(role, rank, num_ranks, env)
             for rank, bundle in enumerate(placement.bundle_indices)
         ]
+        self._bind(role, handles, call_timeout_s, host=None)
         master_addr, master_port = self._wait([self.handles[0].address.remote()])[0]
         self._wait([h.init_worker.remote(worker_cls, master_addr, master_port, tuple(worker_args),
                                          dict(worker_kwargs or {})) for h in self.handles])
@@ -242,9 +240,14 @@ class RoleGroup:
         and return ``role``'s group over them; it is shut down with this one."""
         self._wait([h.attach_worker.remote(role, worker_cls, tuple(worker_args), {}) for h in self.handles])
         group = RoleGroup.__new__(RoleGroup)
-        group.role, group.call_timeout_s, group._sync_plan = role, self.call_timeout_s, None
-        group.host, group.handles, group.num_ranks = self, self.handles, self.num_ranks
+        group._bind(role, self.handles, self.call_timeout_s, host=self)
         return group
+
+    def _bind(self, role: str, handles: list, call_timeout_s: float, host: "RoleGroup | None") -> None:
+        """The state of a group over ``handles`` (its own Ray actors, or ``host``'s when attached)."""
+        self.role, self.handles, self.num_ranks, self.call_timeout_s = role, handles, len(handles), call_timeout_s
+        self._sync_plan = None   # (the actor's weight manifest, the engines' direct transfer) once known
+        self.host = host         # the group whose processes host this one's workers (attach), or None
 
     # -- fan-out verbs -------------------------------------------------------------------------------
     def run_all_async(self, method: str, *args, **kwargs) -> Pending:
