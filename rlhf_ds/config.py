@@ -48,6 +48,11 @@ class RoleConfig:
                                             "filled in from this config")
     num_ranks: int = option(1, "data-parallel ranks (processes / GPUs) of this role", ge=1)
     micro_batch_size: int = option(4, "sequences per forward (and backward) pass per rank", ge=1)
+    zero3_leaf_modules: str = option(
+        "auto", "modules ZeRO-3 gathers and hooks as one unit: 'auto' = the model's transformer blocks (its "
+                "`_no_split_modules`): one gather and one set of hooks per layer, a block's parameters whole at "
+                "once; 'none' = every module on its own (DeepSpeed's default: the least gathered at once, "
+                "hooks on every linear and norm); or module class names separated by commas")
 
 
 @dataclass(frozen=True)

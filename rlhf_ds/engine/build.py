@@ -161,6 +161,7 @@ def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: O
     model_path = resolve_model_path(role_cfg.model_path)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     model = _load_presharded(role, model_path, dtype, ds_config)
+    _set_leaf_modules(model, role_cfg.zero3_leaf_modules, f"{role}.zero3_leaf_modules", model_path)
 
     if role in TRAINABLE_ROLES:
         if role_cfg.gradient_checkpointing:
@@ -178,6 +179,18 @@ def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: O
         engine.eval()
     return RoleEngine(role=role, engine=engine, ds_config=ds_config, model_path=model_path,
                       tokenizer=_load_tokenizer(role_cfg.tokenizer_path or model_path))
+
+
+def _set_leaf_modules(model: torch.nn.Module, spec: str, field: str, model_path: str) -> None:
+    """Mark the modules ``spec`` names as ZeRO-3 leaves (gathered and hooked as one unit), before
+    ``deepspeed.initialize`` registers the hooks."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    from rlhf_ds.models.blocks import leaf_module_classes
+
+    classes = leaf_module_classes(model, spec, field, model_path)
+    if classes:
+        set_z3_leaf_modules(model, list(classes))
 
 
 def _scheduler_factory(role_cfg: Any, total_steps: int):

@@ -12,8 +12,9 @@ every parameter is cut into ``ceil(numel / dp)`` elements per rank, so a rank ho
 
 Estimates (labelled as such in the report; they depend on kernels and the allocator):
 - gathered parameters: parameters under ``stage3_param_persistence_threshold`` stay whole on every
-  rank; the others are gathered module by module, at most ``largest module + stage3_prefetch_bucket_size``
-  elements at a time (never more than ``stage3_max_live_parameters``);
+  rank; the others are gathered module by module (a ``zero3_leaf_modules`` unit, a transformer block by
+  default, as one), at most ``largest unit + stage3_prefetch_bucket_size`` elements at a time (never more
+  than ``stage3_max_live_parameters``);
 - activations of one micro-batch of ``seq_len`` tokens, per transformer layer and token, saved for the
   backward pass: ``7h + 4 kv_heads * head_dim + 4 intermediate`` values (attention inputs, q/k/v,
   attention output, MLP inputs, gate, up, their product); with gradient checkpointing, one ``h`` per

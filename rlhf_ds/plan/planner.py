@@ -121,7 +121,8 @@ def _role_processes(cfg: Config, role: str, ranks: int, on_gpu: bool, trainable:
     ds = role_ds_config(cfg, role, ranks, on_gpu)
     dtype = memory.dtype_bytes_of(resolve_precision(cfg.precision, on_gpu))
     causal = role in CAUSAL_ROLES
-    shape = model_shape(role_cfg.model_path, value_head=not causal)
+    shape = model_shape(role_cfg.model_path, value_head=not causal, leaf_modules=role_cfg.zero3_leaf_modules,
+                        field=f"{role}.zero3_leaf_modules")
     micro_batch = int(ds["train_micro_batch_size_per_gpu"])
     if trainable and role == "reward":   # reward-model training: one forward scores chosen and rejected
         micro_batch *= 2

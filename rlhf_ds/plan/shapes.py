@@ -40,7 +40,8 @@ class ShapeError(ValueError):
 class ModelShape:
     """What the memory arithmetic needs of one model (tied parameters counted once)."""
     param_numels: tuple[int, ...]     # every parameter tensor, in model order
-    largest_module_numel: int         # most parameters owned by one module (a ZeRO-3 gather unit)
+    largest_module_numel: int         # most parameters of one ZeRO-3 gather unit (a module, or a leaf
+                                      # module with its children)
     num_layers: int
     hidden_size: int
     intermediate_size: int
@@ -74,11 +75,15 @@ def _hf_config(model_path: str):
 
 
 @lru_cache(maxsize=32)
-def model_shape(model_path: str, value_head: bool = False) -> ModelShape:
+def model_shape(model_path: str, value_head: bool = False, leaf_modules: str = "none",
+                field: str = "zero3_leaf_modules") -> ModelShape:
     """Shapes of the causal LM at ``model_path`` (``value_head``: its backbone plus a scalar head, as the
-    critic and the reward model are built)."""
+    critic and the reward model are built). ``leaf_modules`` (a ``<role>.zero3_leaf_modules`` value, named
+    ``field`` in errors) decides the ZeRO-3 gather unit: a leaf module is gathered whole."""
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
+
+    from rlhf_ds.models.blocks import largest_unit_numel, leaf_module_classes
 
     config = _hf_config(model_path)
     text = config.get_text_config()
@@ -88,7 +93,10 @@ def model_shape(model_path: str, value_head: bool = False) -> ModelShape:
     numels = [p.numel() for p in model.parameters()]
     if value_head:
         numels += [text.hidden_size, 1]   # the value head: Linear(hidden, 1) with its bias
-    largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in model.modules())
+    try:
+        largest = largest_unit_numel(model, leaf_module_classes(model, leaf_modules, field, model_path))
+    except ValueError as err:
+        raise ShapeError(str(err)) from None
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     return ModelShape(param_numels=tuple(numels), largest_module_numel=largest,

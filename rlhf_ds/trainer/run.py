@@ -76,6 +76,25 @@ def check_role_models(cfg: Config, tokenizer_size: int) -> None:
     check_vocabularies(models)
     if "reward.model_path" in models:
         check_reward_head(models["reward.model_path"], "reward.model_path")
+    _check_leaf_modules(cfg, [field.split(".")[0] for field in models])
+
+
+def _check_leaf_modules(cfg: Config, roles: list[str]) -> None:
+    """Class names in ``<role>.zero3_leaf_modules`` exist in the role's model (read on the meta device)."""
+    from rlhf_ds.engine.build import CAUSAL_ROLES
+    from rlhf_ds.models.blocks import AUTO, NONE
+    from rlhf_ds.models.files import ModelCheckError
+    from rlhf_ds.plan.shapes import ShapeError, model_shape
+
+    for role in roles:
+        role_cfg = getattr(cfg, role)
+        if role_cfg.zero3_leaf_modules.strip() in (AUTO, NONE):
+            continue
+        try:
+            model_shape(role_cfg.model_path, value_head=role not in CAUSAL_ROLES,
+                        leaf_modules=role_cfg.zero3_leaf_modules, field=f"{role}.zero3_leaf_modules")
+        except ShapeError as err:
+            raise ModelCheckError(str(err)) from None
 
 
 def _close(runner, roles) -> None:

@@ -69,8 +69,8 @@ def grads_of(role_engine, loss_fn, exp: Experience, micro: int, dp_scale: bool =
 
 
 def gradient_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experience, critic_exp: Experience,
-                 modes: list, micros: list) -> dict:
-    cfg = make_config(model_dir, out_dir, value_dir)
+                 modes: list, micros: list, extra: tuple = ()) -> dict:
+    cfg = make_config(model_dir, out_dir, value_dir, extra=extra)
     device = dist.get_device()
     actor, critic = build_engine(cfg, "actor"), build_engine(cfg, "critic")
     actor_fn = lambda mb: actor_loss(actor.engine, mb, cfg.algo, kl_coef=ref.KL_COEF, temperature=1.0,  # noqa: E731
@@ -85,7 +85,16 @@ def gradient_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experi
     for micro in micros:
         results[("critic", "token_mean", micro)] = grads_of(
             critic, critic_fn, with_mode(critic_exp, "token_mean", micro), micro)
+    results["layout"] = {role: zero3_layout(engine.module) for role, engine in (("actor", actor), ("critic", critic))}
     return results if dist.dp_rank() == 0 else {}
+
+
+def zero3_layout(module) -> dict:
+    """Which modules ZeRO-3 hooks as one unit, and how many parameters it partitions (not persistent)."""
+    from deepspeed.utils import get_z3_leaf_modules
+    return {"leaf classes": sorted({type(m).__name__ for m in get_z3_leaf_modules(module)}),
+            "partitioned": sum(not getattr(p, "ds_persist", False) for p in module.parameters()),
+            "parameters": sum(1 for _ in module.parameters())}
 
 
 def optimizer_snapshot(engine) -> list:
