@@ -68,6 +68,7 @@ def test_every_template_merges_to_a_valid_config(path, role, dp):
         # offload DeepSpeed's CPU Adam runs the step
         offloaded = "offload_optimizer" in template["zero_optimization"]
         assert ds["optimizer"]["params"].get("torch_adam") is (None if offloaded else True)
+        assert ds["optimizer"]["params"].get("fused") is (None if offloaded else True)   # torch's fused kernel
     else:
         assert "optimizer" not in ds and "scheduler" not in ds
     assert ds["bf16"]["enabled"] is False                    # precision auto on CPU
@@ -88,6 +89,7 @@ def test_gpu_precision_and_optimizer_choice():
     cfg = cfg_for(REPO_ROOT / "ds_configs/zero3_train.json")
     ds = role_ds_config(cfg, "actor", 2, on_gpu=True)
     assert ds["bf16"]["enabled"] is True and "torch_adam" not in ds["optimizer"]["params"]
+    assert "fused" not in ds["optimizer"]["params"]              # DeepSpeed's FusedAdam takes no such argument
     assert resolve_precision("fp32", on_gpu=True) == "fp32"
     with pytest.raises(ValueError, match="valid"):
         resolve_precision("fp16", on_gpu=True)
