@@ -42,17 +42,17 @@ def batches(models):
     return ref.fill_actor_fields(lm, exp), ref.fill_critic_fields(exp)
 
 
-def expected_grads(models, batches) -> dict:
+def expected_grads(models, batches, modes=LOSS_REDUCTIONS, micros=MICROS) -> dict:
     lm_dir, value_dir = models
     actor_exp, critic_exp = batches
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32)
     value = ValueModel.from_pretrained(value_dir, dtype=torch.float32)
     want = {}
-    for mode in LOSS_REDUCTIONS:
-        for micro in MICROS:
+    for mode in modes:
+        for micro in micros:
             w = ref.hand_weights(actor_exp.response_mask, mode, actor_exp.group_ids, micro)
             want[("actor", mode, micro)] = ref.reference_grads(lm, ref.actor_objective(lm, actor_exp, w))
-    for micro in MICROS:
+    for micro in micros:
         w = ref.hand_weights(critic_exp.response_mask, "token_mean", critic_exp.group_ids, micro)
         want[("critic", "token_mean", micro)] = ref.reference_grads(value, ref.critic_objective(value, critic_exp, w))
     return want
@@ -94,8 +94,9 @@ def test_gradient_is_exact_when_every_parameter_is_gathered(leaf_modules, checkp
     for role, layout in got.pop("layout").items():
         assert layout["partitioned"] == layout["parameters"], (role, layout)
         assert layout["leaf classes"] == (["LlamaDecoderLayer"] if leaf_modules == "auto" else []), (role, layout)
-    want = expected_grads(models, batches)
+    want = expected_grads(models, batches, modes, micros)
     report = {key: ref.max_rel_diff(got[key], want[key]) for key in got if key[0] != "actor_ds_default"}
+    assert len(report) == len(want) == 6
     worst = max(report.values())
     print(f"\nleaf modules {leaf_modules}, checkpointing {checkpointing}: max relative gradient difference over "
           f"{len(report)} cases = {worst:.2e}")
