@@ -54,6 +54,33 @@ def _skip_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
+# glibc mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 256 * 2 ** 20
+TRIM_THRESHOLD_BYTES = 1024 * 2 ** 20
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed blocks of up to 256 MiB for reuse instead of returning them to the
+    operating system (CPU processes only: on GPU these buffers live in CUDA's caching allocator).
+
+    ZeRO-3 allocates and frees multi-MB buffers every step (gradient buckets, partitions, the
+    optimizer's flat tensors); glibc serves each block over its mmap threshold with a fresh mapping
+    and unmaps it on free, so every step faults in and zeroes the same pages again: 11,000-14,000 page
+    faults per training step of the 6.3 M-parameter bench model, 0-1,000 with this; that step went from
+    0.57-0.70 s to 0.51-0.59 s in alternated runs (1.08-1.20x a plain step in the same process before,
+    1.04-1.15x after). The cost: the process keeps up to 1 GiB of freed memory at the top of its heap.
+    Returns whether glibc took the settings (False on other C libraries)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                    and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group described by the launcher environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, LOCAL_RANK). Idempotent. A process started without that environment becomes a
@@ -67,6 +94,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         # DeepSpeed's CPU accelerator counts its devices from LOCAL_SIZE (the deepspeed launcher sets it),
         # else by running `numactl --hardware` in a subprocess at every call: once per training step.
         os.environ.setdefault("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        keep_freed_memory()
     # torch deprecates the collective names DeepSpeed still calls, once per call site and rank.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)")
