@@ -66,6 +66,13 @@ class Experience:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _TENSOR_FIELDS if getattr(self, name) is not None}
 
+    def require(self, name: str) -> torch.Tensor:
+        """The optional field ``name``, which the caller needs: a ValueError naming it when it is None."""
+        value = getattr(self, name)
+        if value is None:
+            raise ValueError(f"Experience has no {name}, which this step needs")
+        return value
+
     def replace(self, **changes) -> "Experience":
         return replace(self, **changes)
 

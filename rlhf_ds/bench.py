@@ -30,10 +30,10 @@ def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
     torch.set_num_threads(os.cpu_count() or 1)
     try:
         a, b = torch.randn(size, size), torch.randn(size, size)
-        a @ b   # warm-up
+        _ = a @ b   # warm-up
         count, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            a @ b
+            _ = a @ b
             count += 1
         return 2 * size ** 3 * count / (time.perf_counter() - t0)
     finally:
@@ -113,7 +113,7 @@ def _summary(model: str, backend: str, ours_by_round: list[list[dict]], floor_by
     floor = [row for rnd in floor_by_round for row in rnd]
     ours_round = [_median([x["timing/step_s"] for x in rnd]) for rnd in ours_by_round]
     floor_round = [_median([x.step_s for x in rnd]) for rnd in floor_by_round]
-    ratios = [o / f for o, f in zip(ours_round, floor_round)]
+    ratios = [o / f for o, f in zip(ours_round, floor_round, strict=True)]
     step_s = _median([x["timing/step_s"] for x in ours])
     stages = sorted(k[len("timing/"):-2] for k in ours[0] if k.startswith("timing/") and k != "timing/step_s")
     flops = 6 * num_params   # per trained token: forward 2N + backward 4N

@@ -49,9 +49,10 @@ class FloorLoop:
             batch = tok(prompts, return_tensors="pt", padding=True)
             with torch.no_grad():
                 self.model.eval()
-                sequences = self.model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                                num_return_sequences=n, max_new_tokens=new_tokens,
-                                                eos_token_id=[], pad_token_id=tok.pad_token_id)
+                # transformers types generate's self as a Protocol its own models do not satisfy
+                sequences = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue]
+                    **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
+                    max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=tok.pad_token_id)
             t1 = time.perf_counter()
             prompt_len = batch["input_ids"].shape[1]
             responses = sequences[:, prompt_len:]

@@ -58,7 +58,7 @@ def iter_fields(cls: type, prefix: str = "", instance: Any = None) -> Iterator[F
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         hint, value = hints[f.name], getattr(instance, f.name)
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             yield from iter_fields(hint, f"{prefix}{f.name}.", value)
         else:
             yield FieldInfo(f"{prefix}{f.name}", hint, value, f.metadata.get("help", ""))
@@ -165,7 +165,7 @@ def build(cls: type, raw: Mapping | None, prefix: str = "", base: Any = None) ->
         if f.name not in raw:
             continue
         path, hint = f"{prefix}{f.name}", hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             changes[f.name] = build(hint, raw[f.name], f"{path}.", getattr(base, f.name))
         else:
             changes[f.name] = _coerce(raw[f.name], hint, path)
@@ -220,7 +220,7 @@ def _coerce_sequence(value: Any, hint: Any, path: str) -> tuple:
                           f"got {len(value)} items {list(value)!r}")
     else:
         item_types = list(args)
-    return tuple(_coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, item_types)))
+    return tuple(_coerce(v, t, f"{path}[{i}]") for i, (v, t) in enumerate(zip(value, item_types, strict=True)))
 
 
 _BOUND_TESTS = {

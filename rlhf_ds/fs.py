@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 
-def publish_directory(final: str | os.PathLike, build: Callable[[Path], None], marker: str,
+def publish_directory(final: str | os.PathLike, build: Callable[[Path], object], marker: str,
                       marker_text: str) -> Path:
     """Run ``build(tmp_dir)``, write ``tmp_dir/marker``, then rename ``tmp_dir`` to ``final``.
 

@@ -44,8 +44,8 @@ class AdvantageOutput(NamedTuple):
 
 
 class _Groups(NamedTuple):
-    index: torch.Tensor  # [B] dense group index 0..G-1 of each row
-    count: torch.Tensor  # [G] finite rows per group
+    row_group: torch.Tensor  # [B] dense group index 0..G-1 of each row
+    finite_count: torch.Tensor  # [G] finite rows per group
     total: torch.Tensor  # [G] sum of finite scores
     all_equal: torch.Tensor  # [B] bool: the row's group has one distinct finite score
 
@@ -84,13 +84,13 @@ def group_baseline_advantages(
     """
     clean, finite, num_nonfinite = _finite_scores(scores.to(torch.float64))
     groups = _group_stats(clean, finite, group_ids)
-    count = groups.count[groups.index]
-    mean = groups.total[groups.index] / count.clamp(min=1)
+    count = groups.finite_count[groups.row_group]
+    mean = groups.total[groups.row_group] / count.clamp(min=1)
     centered = clean - mean
     if mode == "grpo":
         squared = torch.where(finite, centered.square(), torch.zeros_like(centered))
-        var = squared.new_zeros(groups.count.shape).index_add(0, groups.index, squared)
-        std = (var / (groups.count - 1).clamp(min=1)).sqrt()[groups.index]
+        var = squared.new_zeros(groups.finite_count.shape).index_add(0, groups.row_group, squared)
+        std = (var / (groups.finite_count - 1).clamp(min=1)).sqrt()[groups.row_group]
         advantages = centered / (std + eps)
     elif mode in ("grpo_no_std", "mean"):
         advantages = centered

@@ -41,9 +41,10 @@ class _ChunkedEntropy(torch.autograd.Function):
         ctx.chunk = chunk
         return out
 
+    # torch types once_differentiable's wrapper with a positional-only ctx, which Function.backward's is not
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor):  # pyright: ignore[reportIncompatibleMethodOverride]
         (logits,) = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for rows, steps in _blocks(logits.shape[0], logits.shape[1], ctx.chunk):

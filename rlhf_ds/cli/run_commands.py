@@ -8,7 +8,6 @@ import os
 
 from rlhf_ds.choices import Stage
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
-from rlhf_ds.config import DEFAULT_RECIPE
 
 
 def _add(parser: argparse.ArgumentParser) -> None:

@@ -38,7 +38,7 @@ def split_by_rank(batch: Any, num_ranks: int, *, even: bool = True) -> list[Any]
     if isinstance(batch, Experience):
         return batch.split(sizes)
     starts = [sum(sizes[:r]) for r in range(num_ranks)]
-    return [batch[s:s + n] for s, n in zip(starts, sizes)]
+    return [batch[s:s + n] for s, n in zip(starts, sizes, strict=True)]
 
 
 def concat_results(results: Sequence[Any]) -> Any:

@@ -175,7 +175,7 @@ def code_tests(prompts: list[str], responses: list[str], answers: list[str], fin
                ) -> list[float]:
     """1.0 when the response is a program that passes every test case of its answer and ended on eos."""
     scores = []
-    for response, answer, done in zip(responses, answers, finished):
+    for response, answer, done in zip(responses, answers, finished, strict=True):
         try:
             tests = parse_tests(answer)
         except ValueError as err:

@@ -64,7 +64,7 @@ def load_preference_dataset(path: str, prompt_key: str = "prompt", chosen_key: s
         return with_wrong_answers(records, task_seed, split)
     chosen = load_prompt_dataset(path, prompt_key, chosen_key, split=split, num_examples=num_examples)
     rejected = load_prompt_dataset(path, prompt_key, rejected_key, split=split, num_examples=num_examples)
-    return [PreferenceRecord(c.prompt, c.answer, r.answer, c.meta) for c, r in zip(chosen, rejected)]
+    return [PreferenceRecord(c.prompt, c.answer, r.answer, c.meta) for c, r in zip(chosen, rejected, strict=True)]
 
 
 def load_preference_records(data: Any) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Generic, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -64,7 +64,7 @@ def _load_jsonl(path: Path, prompt_key: str, answer_key: str) -> list[PromptReco
     return records
 
 
-def _records_from_rows(rows: Iterable[dict], path: Path, prompt_key: str, answer_key: str
+def _records_from_rows(rows: Iterable[object], path: Path, prompt_key: str, answer_key: str
                        ) -> list[PromptRecord]:
     return [_record_from_row(row, f"{path}: row {i}", prompt_key, answer_key, {"source": str(path), "row": i})
             for i, row in enumerate(rows)]
@@ -166,27 +166,38 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = False) -> l
     return tokenizer(prompt)["input_ids"]
 
 
-def encode_prompts(tokenizer: Any, records: Sequence[PromptRecord], max_prompt_len: int, *,
+class HasPrompt(Protocol):
+    """A record with a prompt: a :class:`PromptRecord` or a ``PreferenceRecord``."""
+
+    @property
+    def prompt(self) -> str: ...
+
+
+def encode_prompts(tokenizer: Any, records: Sequence[HasPrompt], max_prompt_len: int, *,
                    chat_template: bool = False) -> list[list[int]]:
     """Token ids of each prompt (:func:`encode_prompt`); prompts longer than ``max_prompt_len`` tokens are
     refused."""
     ids = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
-    too_long = [(r.prompt, len(i)) for r, i in zip(records, ids) if len(i) > max_prompt_len]
+    too_long = [(r.prompt, len(i)) for r, i in zip(records, ids, strict=True) if len(i) > max_prompt_len]
     if too_long:
         raise ValueError(f"{len(too_long)} prompts exceed rollout.max_prompt_len={max_prompt_len} tokens, "
                          f"e.g. {too_long[0][0]!r} ({too_long[0][1]} tokens); raise rollout.max_prompt_len")
     return ids
 
 
-class PromptLoader:
-    """Endless batches of ``batch_size`` records, reshuffled every epoch from ``seed``.
+RecordT = TypeVar("RecordT")
+
+
+class PromptLoader(Generic[RecordT]):
+    """Endless batches of ``batch_size`` records (prompt or preference records), reshuffled every epoch
+    from ``seed``.
 
     An epoch's order depends only on (seed, epoch), so ``state_dict()`` = (epoch, position) is enough to
     resume at the same data position. A tail shorter than ``batch_size`` is skipped (every step sees a
     full batch); ``shuffle=False`` keeps the file order.
     """
 
-    def __init__(self, records: list[PromptRecord], batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, records: list[RecordT], batch_size: int, seed: int = 0, shuffle: bool = True):
         if batch_size < 1 or batch_size > len(records):
             raise ValueError(f"batch_size (data.prompts_per_step) must be in [1, {len(records)}] (the number "
                              f"of records), got {batch_size}")
@@ -209,17 +220,17 @@ class PromptLoader:
             self._cached_order = (epoch, order)
         return self._cached_order[1]
 
-    def next_batch(self) -> list[PromptRecord]:
+    def next_batch(self) -> list[RecordT]:
         if self.position + self.batch_size > len(self.records):
             self.epoch, self.position = self.epoch + 1, 0
         order = self._order(self.epoch)[self.position:self.position + self.batch_size]
         self.position += self.batch_size
         return [self.records[i] for i in order]
 
-    def __iter__(self) -> Iterator[list[PromptRecord]]:
+    def __iter__(self) -> Iterator[list[RecordT]]:
         return self
 
-    def __next__(self) -> list[PromptRecord]:
+    def __next__(self) -> list[RecordT]:
         return self.next_batch()
 
     def state_dict(self) -> dict[str, int]:

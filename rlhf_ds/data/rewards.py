@@ -46,7 +46,7 @@ import weakref
 from collections import deque
 from multiprocessing.connection import wait as wait_for_connections
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Sequence, cast
 
 from rlhf_ds.data.code_reward import code_tests
 from rlhf_ds.data.reward_workers import WorkerProcess, stop_workers
@@ -67,7 +67,7 @@ def exact_match(prompts: list[str], responses: list[str], answers: list[str], fi
     Checking eos matters: without it an answer followed by endless text is paid (DESIGN.md).
     """
     return [1.0 if done and resp.strip() == ans.strip() else 0.0
-            for resp, ans, done in zip(responses, answers, finished)]
+            for resp, ans, done in zip(responses, answers, finished, strict=True)]
 
 
 _INTEGER = re.compile(r"\s*-?\d+\s*")
@@ -76,7 +76,8 @@ _INTEGER = re.compile(r"\s*-?\d+\s*")
 def format_reward(prompts: list[str], responses: list[str], answers: list[str], finished: list[bool]
                   ) -> list[float]:
     """1.0 when the response is only an integer (digits, optional minus sign) then eos, whatever its value."""
-    return [1.0 if done and _INTEGER.fullmatch(resp) else 0.0 for resp, done in zip(responses, finished)]
+    return [1.0 if done and _INTEGER.fullmatch(resp) else 0.0
+            for resp, done in zip(responses, finished, strict=True)]
 
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -98,7 +99,7 @@ def final_number_match(prompts: list[str], responses: list[str], answers: list[s
     """1.0 when the response's final number equals the answer's final number AND the response ended on
     eos: for worked solutions (math datasets such as GSM8K, whose answers end with ``#### N``)."""
     return [1.0 if done and (got := final_number(resp)) is not None and got == final_number(ans) else 0.0
-            for resp, ans, done in zip(responses, answers, finished)]
+            for resp, ans, done in zip(responses, answers, finished, strict=True)]
 
 
 REWARD_FUNCTIONS: dict[str, RewardFn] = {"exact_match": exact_match, "format": format_reward,
@@ -154,7 +155,7 @@ def load_reward_function(spec: str) -> RewardFn:
     if not callable(fn):
         functions = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
         raise _spec_error(spec, f"{target} defines no function {fn_name!r}; callables there: {functions}")
-    return fn
+    return cast(RewardFn, fn)  # the runner checks what it returns against the contract
 
 
 def _short_names(functions: Sequence) -> list[str]:
@@ -240,7 +241,7 @@ class RewardRunner:
             stats[f"{name}/failures"] = stats[f"{name}/timeouts"] = 0
         failed_samples = [0] * len(self.functions)
         first_problem: dict[int, tuple[str, str]] = {}
-        for (f, rows), (kind, payload) in zip(tasks, outcomes):
+        for (f, rows), (kind, payload) in zip(tasks, outcomes, strict=True):
             name, spec = self.names[f], self.functions[f]
             if kind == "ok":
                 if len(payload) != len(rows):
@@ -250,7 +251,7 @@ class RewardRunner:
                 if bad:
                     raise RewardFunctionError(f"reward function {spec!r} returned non-finite value "
                                               f"{payload[bad[0]]} for sample {rows[bad[0]]}")
-                for i, v in zip(rows, payload):
+                for i, v in zip(rows, payload, strict=True):
                     per_fn[f][i] = v
             elif kind == "bad_return":
                 raise RewardFunctionError(f"reward function {spec!r}: {payload}")
@@ -321,9 +322,9 @@ class RewardRunner:
             code = w.process.wait(timeout=10)
             if w.loading:
                 raise RewardFunctionError(f"reward function {w.unloaded[0]!r}: the worker importing it "
-                                          f"exited with code {code}")
+                                          f"exited with code {code}") from None
             if w.task is None:
-                raise RuntimeError(f"reward worker exited with code {code} while starting")
+                raise RuntimeError(f"reward worker exited with code {code} while starting") from None
             outcomes[w.task] = ("crashed", f"worker process exited with code {code}")
             self._replace(k)
             return
@@ -333,6 +334,8 @@ class RewardRunner:
             w.loaded()
         elif message[0] == "load_error":
             raise RewardFunctionError(f"reward function {w.unloaded[0]!r}: {message[1]}")
+        elif w.task is None:
+            raise RuntimeError(f"reward worker sent a {message[0]!r} result with no call in flight")
         else:
             outcomes[w.task], w.task = message, None
 
@@ -345,6 +348,8 @@ class RewardRunner:
             raise RewardFunctionError(f"reward function {spec!r}: importing {spec.rpartition(':')[0]} took "
                                       f"longer than import_timeout_s={self.import_timeout_s} s "
                                       "(reward.import_timeout_s)")
+        if w.task is None:
+            raise RuntimeError("reward worker expired with no call in flight")
         outcomes[w.task] = ("timeout", f"no result after {self.timeout_s} s; worker and its children killed")
         self._replace(k)
 

@@ -36,14 +36,17 @@ _GOLDEN = 0x9E3779B97F4A7C15
 class SyntheticTask(Protocol):
     """What the split and the loaders need of a task: its problems are indexed 0 .. size - 1."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     @property
     def size(self) -> int:
         """Number of distinct problems."""
+        ...
 
     def record(self, index: int) -> PromptRecord:
         """The problem with index ``index`` in [0, size)."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -98,15 +98,20 @@ class WordProblemTask:
                   "a": operands[0], "b": operands[1], "c": operands[2], **template.steps(*operands)}
         return template.prompt.format(**fields), template.solution.format(**fields)
 
+    def _locate(self, index: int) -> tuple[int, int]:
+        """(template index, index among that template's problems) of the problem ``index``."""
+        rest = index
+        if rest >= 0:
+            for template_index, template in enumerate(self.templates):
+                if rest < self._template_size(template):
+                    return template_index, rest
+                rest -= self._template_size(template)
+        raise IndexError(f"problem index {index} outside [0, {self.size}) of task {self.name!r}")
+
     def record(self, index: int) -> PromptRecord:
         """The problem with index ``index`` in [0, size)."""
-        if not 0 <= index < self.size:
-            raise IndexError(f"problem index {index} outside [0, {self.size}) of task {self.name!r}")
-        rest = index
-        for template_index, template in enumerate(self.templates):
-            if rest < self._template_size(template):
-                break
-            rest -= self._template_size(template)
+        template_index, rest = self._locate(index)
+        template = self.templates[template_index]
         rest, operands = divmod(rest, template.num_operands)
         person, item = divmod(rest, len(self.items))
         prompt, answer = self.texts(template_index, person, item, template.operands(operands))

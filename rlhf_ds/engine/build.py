@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 
 from rlhf_ds.choices import LR_SCHEDULES, ROLES, TRAINABLE_ROLES
 from rlhf_ds.engine import dist
 from rlhf_ds.engine.ds_config import role_ds_config, write_ds_config
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 CAUSAL_ROLES = ("actor", "reference")
 
@@ -81,15 +84,14 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: dict) -> torch.nn.Module:
+def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: dict) -> PreTrainedModel:
     """Load with ZeRO-3 partitioning at construction (no rank holds the whole model).
 
     A live ``HfDeepSpeedConfig`` switches transformers into ZeRO-3 mode for the whole process, so it is
     released right after the load: plain loads that follow in the same process (the HF rollout engine,
     a tiny value model built on first use, several roles under the deepspeed launcher) stay plain.
     """
-    from transformers.integrations import HfDeepSpeedConfig
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  (read through a weak reference)
     try:
@@ -98,7 +100,7 @@ def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: 
         unset_hf_deepspeed_config()
 
 
-def _load_model(role: str, model_path: str, dtype: torch.dtype) -> torch.nn.Module:
+def _load_model(role: str, model_path: str, dtype: torch.dtype) -> PreTrainedModel:
     if role in CAUSAL_ROLES:
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
@@ -170,8 +172,12 @@ def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: O
         if "scheduler" not in ds_config:
             steps = total_optimizer_steps(cfg) if total_steps is None else total_steps
             scheduler = _scheduler_factory(role_cfg, steps)
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=_param_groups(model, role_cfg.weight_decay),
-                                          config=ds_config, lr_scheduler=scheduler)
+        # deepspeed annotates model_parameters as a Module and lr_scheduler's callable as returning the
+        # legacy _LRScheduler; its documentation and code take parameter groups and any LRScheduler
+        engine, *_ = deepspeed.initialize(
+            model=model, config=ds_config,
+            model_parameters=_param_groups(model, role_cfg.weight_decay),  # pyright: ignore[reportArgumentType]
+            lr_scheduler=scheduler)  # pyright: ignore[reportArgumentType]
         engine.train()
     else:
         model.requires_grad_(False)
@@ -193,9 +199,10 @@ def _set_leaf_modules(model: torch.nn.Module, spec: str, field: str, model_path:
         set_z3_leaf_modules(model, list(classes))
 
 
-def _scheduler_factory(role_cfg: Any, total_steps: int):
+def _scheduler_factory(role_cfg: Any, total_steps: int
+                       ) -> Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LambdaLR]:
     """DeepSpeed builds the optimizer, so hand it a callable that wraps the optimizer in LambdaLR."""
-    def make(optimizer):
+    def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
         def factor(step: int) -> float:
             return lr_factor(step, schedule=role_cfg.lr_schedule, warmup_steps=role_cfg.warmup_steps,
                              total_steps=total_steps, min_lr_ratio=role_cfg.min_lr_ratio)

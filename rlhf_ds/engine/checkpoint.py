@@ -50,7 +50,7 @@ def apply_peak_lr(role_engine: Any, lr: float) -> None:
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return
     scheduler.base_lrs = [float(lr)] * len(scheduler.base_lrs)
-    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
         group["initial_lr"] = float(lr)
         group["lr"] = float(lr) * factor(scheduler.last_epoch)
 

@@ -51,7 +51,9 @@ def _skip_shm_comm_build() -> None:
     # `torch` attribute of deepspeed.comm instead, which is a different module.
     import deepspeed.comm  # noqa: F401  (registers deepspeed.comm.torch in sys.modules)
     import deepspeed.comm.torch  # noqa: F401
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    module = sys.modules["deepspeed.comm.torch"]
+    # a module's attributes are writable; the stub of ModuleType declares none
+    module.build_shm_op = lambda: None  # pyright: ignore[reportAttributeAccessIssue]
 
 
 # glibc mallopt parameters

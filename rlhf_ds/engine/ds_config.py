@@ -98,7 +98,7 @@ def _merge_batch_sizes(ds: dict, micro: int, per_rank_batch: int, dp: int, where
 
 def check_batch_identity(ds: dict, dp: int, where: str = "ds_config") -> None:
     """DeepSpeed refuses a config whose batch sizes disagree; say so with the numbers first."""
-    micro, gas, total = (ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    micro, gas, total = (ds[k] for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                                              "train_batch_size"))
     if micro * gas * dp != total:
         raise ValueError(f"{where}: train_batch_size={total} != train_micro_batch_size_per_gpu={micro} x "

@@ -6,15 +6,13 @@ averaged, MAX max, MIN min. Every rank gets the same result.
 """
 from __future__ import annotations
 
-from typing import Mapping
-
 import torch.distributed as torch_dist
 
-from rlhf_ds.algo.metrics import Metric, as_metric, combine_rank_metrics
+from rlhf_ds.algo.metrics import Metric, MetricDict, as_metric, combine_rank_metrics
 from rlhf_ds.engine import dist
 
 
-def all_reduce_metrics(metrics: Mapping[str, object]) -> dict[str, Metric]:
+def all_reduce_metrics(metrics: MetricDict) -> dict[str, Metric]:
     """This rank's metrics -> the metrics of all data-parallel ranks combined by kind."""
     local = {name: as_metric(name, m) for name, m in metrics.items()}
     if dist.dp_size() == 1:

@@ -130,10 +130,10 @@ def vocab_size(model: str) -> int:
 
 def _same_tokenizer_file(a: str, b: str) -> bool:
     """Both directories ship a byte-identical tokenizer.json."""
-    files = [local_file(m, "tokenizer.json") for m in (a, b)]
-    if None in files:
+    file_a, file_b = (local_file(m, "tokenizer.json") for m in (a, b))
+    if file_a is None or file_b is None:
         return False
-    with open(files[0], "rb") as fa, open(files[1], "rb") as fb:
+    with open(file_a, "rb") as fa, open(file_b, "rb") as fb:
         return fa.read() == fb.read()
 
 

@@ -156,9 +156,12 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int = BPE_VOCAB_SIZE, mod
     for token in BPE_SPECIAL_TOKENS:
         vocab[token] = len(vocab)
     # Qwen2Tokenizer rebuilds the same pipeline (Qwen2's split, byte-level) around the vocabulary and merges.
+    # Its annotations say merges are strings and unk / pad are str; it passes merge pairs and None on to BPE.
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=[tuple(pair) for pair in trained["merges"]], eos_token=IM_END, bos_token=None,
-        unk_token=None, pad_token=None, extra_special_tokens=[ENDOFTEXT, IM_START], padding_side="left",
+        vocab=vocab, eos_token=IM_END, bos_token=None,
+        merges=[tuple(pair) for pair in trained["merges"]],  # pyright: ignore[reportArgumentType]
+        unk_token=None, pad_token=None,  # pyright: ignore[reportArgumentType]
+        extra_special_tokens=[ENDOFTEXT, IM_START], padding_side="left",
         model_max_length=model_max_length, clean_up_tokenization_spaces=False)
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer

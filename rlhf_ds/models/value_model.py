@@ -86,7 +86,8 @@ def make_value_model_from_lm(lm_dir: str | os.PathLike, out_dir: str | os.PathLi
     The tokenizer is copied along, so ``out_dir`` is self-contained. Keeps the LM's dtype.
     """
     lm = AutoModelForCausalLM.from_pretrained(lm_dir, dtype="auto")
-    value_model = ValueModel(lm.config).to(lm.dtype)
+    # transformers wraps to() in functools.wraps, whose stub leaves self unbound
+    value_model = ValueModel(lm.config).to(lm.dtype)  # pyright: ignore[reportArgumentType]
     missing, unexpected = value_model.model.load_state_dict(lm.base_model.state_dict(), strict=False)
     # Only non-persistent buffers (e.g. rotary tables) may differ; a missing weight is a real mismatch.
     missing = [k for k in missing if k in dict(value_model.model.named_parameters())]

@@ -95,7 +95,11 @@ def prune_checkpoints(output_dir: str, keep: int) -> list[int]:
 
 def rng_state() -> dict:
     """The driver's RNG states as JSON-able values."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = np.random.get_state()
+    if not isinstance(numpy_state, tuple):   # a dict only when the global generator is not an MT19937
+        raise RuntimeError(f"numpy's global RNG is {numpy_state.get('bit_generator')}, not MT19937: "
+                           "its state cannot be saved")
+    name, keys, pos, has_gauss, cached = numpy_state
     version, internal, gauss = random.getstate()
     return {"python": [version, list(internal), gauss],
             "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],

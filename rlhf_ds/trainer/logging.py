@@ -56,7 +56,8 @@ def read_metrics(path: str, up_to_step: Optional[int] = None) -> list[dict]:
         except json.JSONDecodeError as err:
             if k < len(lines) - 1:
                 raise ValueError(f"{path}:{n}: not a JSON object ({err}); the file is damaged") from None
-            warnings.warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)")
+            warnings.warn(f"{path}:{n}: dropped a torn last line (the run was stopped while writing it)",
+                          stacklevel=2)
     return [r for r in rows if up_to_step is None or r["step"] <= up_to_step]
 
 
@@ -98,7 +99,7 @@ class RunLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
-        if "wandb" in loggers:
+        if config is not None and "wandb" in loggers:   # never a default logger: its settings are the config's
             self.wandb = start_wandb(config, output_dir, resume=start_step > 0)
         self.bar = tqdm(total=max_steps, initial=start_step, desc="rl", unit="step", dynamic_ncols=True,
                         disable=not show_progress)
@@ -184,7 +185,7 @@ def plot_curves(history: list[dict], path: str) -> None:
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels):
+    for ax, (key, title) in zip(axes.flat, panels, strict=False):   # the grid may have spare axes
         points = [(r["step"], r[key]) for r in history if key in r]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key == EVAL_KEY else None)
         ax.set_title(title)

@@ -35,7 +35,7 @@ def actor_loss(model: Any, micro: Experience, algo: Any, *, kl_coef: float, temp
     logits = response_logits(model, micro, device, temperature)              # [b, R, V]
     logprobs = logprobs_from_logits(logits, micro.response_ids.to(device))   # [b, R]
     mask = micro.response_mask.to(device)
-    weights = micro.token_weights.to(device)
+    weights = micro.require("token_weights").to(device)
     metrics: dict[str, Metric] = {}
     if micro.old_logprobs is None:   # an on-policy update (Config.on_policy_update): this forward's values
         old_logprobs = logprobs.detach()
@@ -45,7 +45,7 @@ def actor_loss(model: Any, micro: Experience, algo: Any, *, kl_coef: float, temp
     is_weights = None
     if algo.tis and micro.rollout_logprobs is not None:
         is_weights = truncated_is_weights(old_logprobs, micro.rollout_logprobs.to(device), algo.tis_cap, mask)
-    advantages = weighted_advantages(micro.advantages.to(device), weights)
+    advantages = weighted_advantages(micro.require("advantages").to(device), weights)
     loss_tok, stats = policy_loss(algo.policy_loss, logprobs, old_logprobs, advantages, mask,
                                   clip_low=algo.clip_low, clip_high=algo.clip_high, dual_clip=algo.dual_clip,
                                   is_weights=is_weights)
@@ -54,7 +54,7 @@ def actor_loss(model: Any, micro: Experience, algo: Any, *, kl_coef: float, temp
     metrics.update({"policy_loss": Metric(pg_loss.item(), MetricKind.SUM),
                     **metrics_from_stats(stats, POLICY_STAT_KINDS)})
     if algo.kl_placement == "loss" and kl_coef > 0:
-        kl_sum = (kl_penalty(logprobs, micro.ref_logprobs.to(device), algo.kl_estimator) * weights).sum()
+        kl_sum = (kl_penalty(logprobs, micro.require("ref_logprobs").to(device), algo.kl_estimator) * weights).sum()
         total = total + kl_coef * kl_sum
         metrics["kl_loss"] = Metric(kl_sum.item(), MetricKind.SUM)
     if algo.entropy_coef != 0:
@@ -92,7 +92,7 @@ class ActorWorker(TrainableWorker):
         for the whole mini-batch). kl_coef: this step's coefficient (adaptive KL); default
         ``algo.kl_coef``. Returns metrics combined over the data-parallel ranks."""
         algo = self.cfg.algo
-        kl_coef = algo.kl_coef if kl_coef is None else kl_coef
+        kl_coef = float(algo.kl_coef) if kl_coef is None else kl_coef
         needed = ("advantages", "token_weights") + (() if self.cfg.on_policy_update else ("old_logprobs",))
         if algo.kl_placement == "loss" and kl_coef > 0:
             needed += ("ref_logprobs",)
@@ -109,14 +109,14 @@ class ActorWorker(TrainableWorker):
     def weight_manifest(self) -> list[ParamSpec]:
         """Name, dtype and full shape of every tensor ``weight_buckets`` yields, in order (no gather)."""
         dtype = dtype_name(self._rollout_dtype())
-        return [ParamSpec(name, dtype, shape) for name, shape in full_shapes(self.role_engine.module)]
+        return [ParamSpec(name, dtype, shape) for name, shape in full_shapes(self.built.module)]
 
     def weight_buckets(self, bucket_bytes: Optional[int] = None, on_device: bool = False
                        ) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full parameters as lists of (HF name, tensor in the rollout engines' dtype) of at most
         ``bucket_bytes`` (None: one list per module), gathered one list at a time; CPU copies unless
         ``on_device`` (NCCL / IPC transfers send device tensors). Collective: every rank walks it to the end."""
-        return iter_full_param_buckets(self.role_engine.module, bucket_bytes=bucket_bytes, to_cpu=not on_device,
+        return iter_full_param_buckets(self.built.module, bucket_bytes=bucket_bytes, to_cpu=not on_device,
                                        dtype=self._rollout_dtype())
 
     def _rollout_dtype(self) -> torch.dtype:

@@ -77,6 +77,8 @@ def in_micro_batches(fn: Callable[[Experience], torch.Tensor], exp: Experience, 
             out[idx] = result
         else:
             out[idx, :result.shape[1]] = result
+    if out is None:
+        raise ValueError("a forward pass over an Experience of no rows")
     return out
 
 

@@ -21,8 +21,8 @@ def critic_loss(model: Any, micro: Experience, algo: Any, *, device: torch.devic
                 ) -> tuple[torch.Tensor, dict[str, Metric]]:
     """Weighted-sum value loss of one micro-batch and its metrics."""
     values = response_values(model, micro, device)                                   # [b, R]
-    old_values, returns = micro.values.to(device), micro.returns.to(device)
-    weights = micro.token_weights.to(device)
+    old_values, returns = micro.require("values").to(device), micro.require("returns").to(device)
+    weights = micro.require("token_weights").to(device)
     loss_sum = (value_loss(values, old_values, returns, algo.value_clip) * weights).sum()
     mask = micro.response_mask.to(device) != 0
     with torch.no_grad():

@@ -57,9 +57,11 @@ def reward_model_loss(model: Any, micro: PreferenceBatch, *, device: torch.devic
                       ) -> tuple[torch.Tensor, dict[str, Metric]]:
     """Weighted Bradley-Terry sum of one micro-batch of pairs and its metrics (SUM kinds weighted by the
     pair weights, so they add up to mini-batch means)."""
+    if micro.pair_weights is None:
+        raise ValueError("rm: the pairs carry no pair_weights; set them on the whole mini-batch first")
+    weights = micro.pair_weights.to(device)
     scores = sequence_scores(model, micro.both().trimmed(), device)   # columns of padding only: cut
     chosen, rejected = scores[:len(micro)], scores[len(micro):]
-    weights = micro.pair_weights.to(device)
     loss = pairwise_loss_sum(chosen, rejected, weights)
     with torch.no_grad():
         correct = pairwise_correct(chosen, rejected).to(weights.dtype)

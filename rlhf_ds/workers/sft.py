@@ -39,7 +39,7 @@ def sft_loss(model: Any, micro: Experience, *, device: torch.device) -> tuple[to
     mini-batch's values)."""
     logits = response_logits(model, micro, device)                            # [b, R, V]
     logprobs = logprobs_from_logits(logits, micro.response_ids.to(device))    # [b, R]
-    loss = sft_nll_sum(logprobs, micro.token_weights.to(device))
+    loss = sft_nll_sum(logprobs, micro.require("token_weights").to(device))
     mask = micro.response_mask.to(device)
     with torch.no_grad():
         correct = (logits.argmax(-1) == micro.response_ids.to(device)).float() * mask

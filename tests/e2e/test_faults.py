@@ -170,7 +170,7 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
         kills.append((_steps_logged(out), "save" if in_save else "random"))
         proc.wait()
         # a killed driver cannot clean up: what was started for it must go away without it
-        left = _wait_gone(lambda: _session(proc.pid) + _processes(f"watch({proc.pid})"), 30)
+        left = _wait_gone(lambda pid=proc.pid: _session(pid) + _processes(f"watch({pid})"), 30)
         assert not left, f"after kill {len(kills)} ({kills[-1]}) these processes were left: {left}"
     assert _finish(_start(out, *steps, "trainer.resume=true")) == 0
     got = load_file(os.path.join(out, "actor_hf", "model.safetensors"))

@@ -118,7 +118,7 @@ def test_engines_inside_the_actor_train_exactly_as_engines_of_their_own(ray_sess
         runs[inside] = (_rows(out), load_file(os.path.join(out, "actor_hf", "model.safetensors")))
     (inside_rows, inside_actor), (own_rows, own_actor) = runs[True], runs[False]
     assert [r["step"] for r in inside_rows] == [0, 1, 2, 3]
-    for got, want in zip(inside_rows[1:], own_rows[1:]):
+    for got, want in zip(inside_rows[1:], own_rows[1:], strict=True):
         for key in ("reward/mean", "response/length", "actor/policy_loss", "actor/grad_norm", "actor/entropy"):
             assert got[key] == pytest.approx(want[key], rel=1e-6, abs=1e-8), (got["step"], key)
     assert inside_rows[-1]["eval/accuracy"] == own_rows[-1]["eval/accuracy"]

@@ -134,7 +134,7 @@ def run_layout(problem, mode, loss_name, dp, micro):
             micro_metrics.append({"loss": Metric(loss.item(), MetricKind.SUM)})
         rank_grads.append([param.grad.clone() for param in problem.params()])
         rank_metrics.append(reduce_metrics_across_microbatches(micro_metrics))
-    grads = [torch.stack(per_rank).mean(0) for per_rank in zip(*rank_grads)]  # the DP all-reduce (average)
+    grads = [torch.stack(per_rank).mean(0) for per_rank in zip(*rank_grads, strict=True)]  # the DP all-reduce (average)
     return grads, combine_rank_metrics(rank_metrics)["loss"].value
 
 
@@ -223,7 +223,7 @@ def test_every_layout_gives_the_objective_gradient_and_loss(mode, loss_name, dty
     for dp, micro in LAYOUTS:
         objective, want = reference(problem, mode, loss_name, micro)
         grads, reported = run_layout(problem, mode, loss_name, dp, micro)
-        for got, ref in zip(grads, want):
+        for got, ref in zip(grads, want, strict=True):
             assert relative_error(got, ref) < tol, (mode, loss_name, dp, micro)
         assert reported == pytest.approx(objective.item(), rel=tol), (mode, loss_name, dp, micro)
 
@@ -246,7 +246,7 @@ def mean_reduced_grads(problem, dp, micro):
             token_sum = piece_loss(problem, rows, problem.advantages, problem.mask, "ppo")
             (token_sum / problem.mask[rows].sum().clamp(min=1) / len(pieces)).backward()
         rank_grads.append([param.grad.clone() for param in problem.params()])
-    return [torch.stack(per_rank).mean(0) for per_rank in zip(*rank_grads)]
+    return [torch.stack(per_rank).mean(0) for per_rank in zip(*rank_grads, strict=True)]
 
 
 def test_negative_control_per_micro_batch_mean_depends_on_layout():
@@ -254,7 +254,7 @@ def test_negative_control_per_micro_batch_mean_depends_on_layout():
     _, want = reference(problem, "token_mean", "ppo", micro=B)
     # one piece holding the whole mini-batch: the mean reduction is the token mean
     whole = mean_reduced_grads(problem, 1, B)
-    assert all(relative_error(g, w) < 1e-10 for g, w in zip(whole, want))
+    assert all(relative_error(g, w) < 1e-10 for g, w in zip(whole, want, strict=True))
     # uneven lengths: any real split moves the gradient away from it, and layouts disagree
     split = {layout: mean_reduced_grads(problem, *layout) for layout in [(2, 1), (1, 3), (4, 2)]}
     for grads in split.values():

@@ -19,7 +19,7 @@ def test_pairs_prefer_a_correct_sample_over_each_distinct_finished_wrong_one():
     # prompt 0: one right, two distinct wrong (one repeated); prompt 1: none right; prompt 2: all right
     texts = ["36", "35", "35", "38",  "43", "42", "41", "44x",  "50", "50", "50", "50"]
     finished = [True, True, True, False, True, True, True, True, True, True, True, True]
-    correct = [t == r.answer for t, r in zip(texts, [RECORDS[i // 4] for i in range(12)])]
+    correct = [t == r.answer for t, r in zip(texts, [RECORDS[i // 4] for i in range(12)], strict=True)]
     pairs = label_samples(RECORDS, texts, finished, correct, n=4, pairs_per_prompt=2, rng=np.random.default_rng(0))
     by_prompt = {}
     for p in pairs:

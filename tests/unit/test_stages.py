@@ -70,7 +70,8 @@ def test_pairwise_loss_is_the_mean_over_the_mini_batch_pairs_whatever_the_layout
     weights = pair_weights(8)
     assert torch.equal(weights, torch.full((8,), 0.125))
     whole = pairwise_loss_sum(chosen, rejected, weights)
-    loop = sum(-math.log(1 / (1 + math.exp(-(c - r)))) for c, r in zip(chosen.tolist(), rejected.tolist())) / 8
+    loop = sum(-math.log(1 / (1 + math.exp(-(c - r))))
+               for c, r in zip(chosen.tolist(), rejected.tolist(), strict=True)) / 8
     assert whole.item() == pytest.approx(loop, rel=1e-6)
     for micro in (1, 2, 4):
         pieces = [pairwise_loss_sum(chosen[s:s + micro], rejected[s:s + micro], weights[s:s + micro])
@@ -119,7 +120,7 @@ def test_wrong_answers_differ_in_one_digit_without_a_leading_zero():
     for answer in ["492", "7", "8991", "100"] * 25:
         wrong = wrong_answer(answer, rng)
         assert len(wrong) == len(answer) and wrong != answer
-        assert sum(a != b for a, b in zip(answer, wrong)) == 1
+        assert sum(a != b for a, b in zip(answer, wrong, strict=True)) == 1
         assert len(wrong) == 1 or wrong[0] != "0"
 
 

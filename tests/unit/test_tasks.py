@@ -89,7 +89,7 @@ def test_sft_examples_tokenize_to_bos_prompt_then_answer_eos():
     tok = build_char_tokenizer()
     records = generate_split("multiplication", "train", 3, seed=0)
     prompts, completions = encode_examples(tok, records)
-    for record, prompt_ids, completion_ids in zip(records, prompts, completions):
+    for record, prompt_ids, completion_ids in zip(records, prompts, completions, strict=True):
         ids = prompt_ids + completion_ids
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
         assert tok.unk_token_id not in ids
