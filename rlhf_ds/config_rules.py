@@ -148,6 +148,34 @@ def _in_actor_rules(cfg: Config):
                f"rollout.hf_in_actor=false for {engines} engines of their own")
 
 
+def _vllm_placement_rules(cfg: Config):
+    """Where vLLM engines can sit and how their weights reach them (``cluster.placement``,
+    ``rollout.vllm_transfer``)."""
+    rollout, vllm = cfg.rollout, cfg.rollout.vllm
+    if rollout.backend != "vllm":
+        if vllm.enable_sleep_mode:
+            yield f"rollout.vllm.enable_sleep_mode=true needs rollout.backend=vllm, got {rollout.backend!r}"
+        return
+    colocated = cfg.cluster.colocate and cfg.cluster.launcher == "ray"
+    if colocated and vllm.tensor_parallel_size > 1:
+        yield (f"rollout.vllm.tensor_parallel_size={vllm.tensor_parallel_size} with cluster.colocate=true: a colocated "
+               f"engine shares one GPU with one actor rank, and its Ray actor holds that GPU's bundle only; "
+               f"set cluster.colocate=false (each engine then gets a bundle of {vllm.tensor_parallel_size} GPUs of "
+               f"its own) or rollout.vllm.tensor_parallel_size=1")
+    if colocated and rollout.num_engines > cfg.actor.num_ranks:
+        yield (f"rollout.num_engines={rollout.num_engines} with cluster.colocate=true but actor.num_ranks="
+               f"{cfg.actor.num_ranks}: a colocated engine loads its weights through CUDA IPC from the actor rank on "
+               f"its own GPU, and engines {cfg.actor.num_ranks}..{rollout.num_engines - 1} would sit on GPUs with no "
+               f"actor rank; set rollout.num_engines <= {cfg.actor.num_ranks}, or cluster.colocate=false")
+    if vllm.enable_sleep_mode:
+        if not (cfg.cluster.colocate or cfg.cluster.launcher == "deepspeed"):
+            yield ("rollout.vllm.enable_sleep_mode=true hands the engines' GPU memory to the roles colocated with "
+                   "them while they train: set cluster.colocate=true (engines on GPUs of their own need no sleep)")
+        if rollout.async_generation:
+            yield ("rollout.vllm.enable_sleep_mode=true with rollout.async_generation=true: the engines sleep while "
+                   "the actor trains, and asynchronous generation generates while it trains; choose one")
+
+
 def _launcher_rules(cfg: Config):
     if cfg.cluster.launcher == "deepspeed":
         # SPMD: every launcher rank holds a shard of every role, so all roles span the same ranks.
@@ -193,8 +221,8 @@ def _evaluation_rules(cfg: Config):
 # loss and launcher rules (which concern the RL roles) do not bind them.
 _RULES = {
     "rl": (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules, _launcher_rules,
-           _in_actor_rules, _logging_rules, _stage_rules),
-    "sft": (_evaluation_rules, _runtime_rules, _in_actor_rules, _logging_rules, _stage_rules),
+           _in_actor_rules, _vllm_placement_rules, _logging_rules, _stage_rules),
+    "sft": (_evaluation_rules, _runtime_rules, _in_actor_rules, _vllm_placement_rules, _logging_rules, _stage_rules),
     "rm": (_runtime_rules, _logging_rules, _stage_rules),
 }
 

@@ -21,6 +21,7 @@ class Pending(Protocol):
 
     def get(self) -> Any:
         """Wait for every rank; per-rank results, or their concatenation (``concat=True``)."""
+        ...
 
 
 @runtime_checkable
@@ -30,6 +31,7 @@ class Group(Protocol):
 
     def run_all(self, method: str, *args, **kwargs) -> list:
         """``worker.method(*args, **kwargs)`` on every rank; the list of rank results, rank order."""
+        ...
 
     def run_all_async(self, method: str, *args, **kwargs) -> Pending:
         ...
@@ -39,6 +41,7 @@ class Group(Protocol):
         """Cut ``batch`` into contiguous rank shards (``cluster.dispatch``), call ``method(shard, *args)``
         on each rank, concatenate the results in rank order (``concat=False``: the list of them).
         ``even=False`` allows shards that differ by one row (work without collectives)."""
+        ...
 
     def dispatch_async(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True,
                        **kwargs) -> Pending:
@@ -48,6 +51,7 @@ class Group(Protocol):
         """Actor groups: gather this role's full parameters bucket by bucket (every rank takes part in
         the gathers) and load them into every engine of the ``rollout`` group as weight ``version``, by
         the protocol of ``rollout.weights`` (checked first, live at once). Returns the tensors sent."""
+        ...
 
     def shutdown(self) -> None:
         ...

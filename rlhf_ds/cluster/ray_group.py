@@ -21,12 +21,15 @@ import time
 from typing import Any, Callable, Sequence
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
+from rlhf_ds.cluster.group import Group
 from rlhf_ds.cluster.placement import PlacementPlan
 from rlhf_ds.cluster.reaper import start_reaper
+from rlhf_ds.rollout.vllm_settings import RENDEZVOUS_BACKENDS
 from rlhf_ds.rollout.weights import load_in_process
 
 
@@ -57,10 +60,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _describe(err: BaseException) -> str:
-    if isinstance(err, ray.exceptions.RayTaskError):
+    if isinstance(err, RayTaskError):
         # str() of a RayTaskError holds the remote traceback, which ends with the worker's own error.
         return _ANSI.sub("", str(err)).strip()
-    if isinstance(err, ray.exceptions.RayActorError):
+    if isinstance(err, RayActorError):
         return f"the worker process died ({err})"
     return f"{type(err).__name__}: {err}"
 
@@ -113,6 +116,9 @@ class RankHost:
 
 RemoteRankHost = ray.remote(RankHost)
 
+# How long a rank asked to exit may take before it is killed.
+_EXIT_GRACE_S = 5.0
+
 # At most this many weight buckets are in flight from actor rank 0 to the engines: bounded memory on
 # both sides, while the gather of the next bucket overlaps the load of the previous one.
 _BUCKETS_IN_FLIGHT = 2
@@ -146,7 +152,7 @@ class _EngineClient:
         self.handles, self.role, self.tensor_parallel_size = handles, role, tensor_parallel_size
 
     def _all(self, method: str, per_engine_args: list[tuple]) -> None:
-        ray.get([h.call.remote(self.role, method, args, {}) for h, args in zip(self.handles, per_engine_args)])
+        ray.get([h.call.remote(self.role, method, args, {}) for h, args in zip(self.handles, per_engine_args, strict=True)])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         from rlhf_ds.rollout.vllm_transfer import engine_init_info
@@ -181,7 +187,7 @@ def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: li
     key = backend + ":" + ",".join(h._actor_id.hex() for h in engine_handles)
     if key not in _OPEN_TRANSFERS:
         rendezvous = {}
-        if backend == "nccl" and rank == 0:
+        if backend in RENDEZVOUS_BACKENDS and rank == 0:
             with socket.socket() as sock:
                 sock.bind(("", 0))
                 port = sock.getsockname()[1]
@@ -261,7 +267,7 @@ class RoleGroup:
         """``concat=False`` returns the list of rank results (e.g. metrics already combined by the ranks)."""
         shards = split_by_rank(batch, self.num_ranks, even=even)
         futures = [h.call.remote(self.role, method, (shard,) + args, kwargs)
-                   for h, shard in zip(self.handles, shards)]
+                   for h, shard in zip(self.handles, shards, strict=True)]
         return Pending(self, futures, concat=concat)
 
     def dispatch(self, method: str, batch: Any, *args, even: bool = True, concat: bool = True, **kwargs) -> Any:
@@ -271,11 +277,13 @@ class RoleGroup:
         """``fn(worker, rank, *args, **kwargs)`` on every rank, in the rank's own process."""
         return self._wait([h.apply.remote(self.role, fn, args, kwargs) for h in self.handles])
 
-    def sync_weights(self, rollout: "RoleGroup", bucket_mb: float, version: str) -> int:
+    def sync_weights(self, rollout: Group, bucket_mb: float, version: str) -> int:
         """The update protocol of ``rollout.weights``: the engines check the actor's manifest, every actor
-        rank gathers each bucket and rank 0 sends it (Ray's object store, or vLLM's NCCL / IPC transfer
-        on GPUs), then the engines put the new weights live at once. Engines hosted in this group's
+        rank gathers each bucket and rank 0 sends it (Ray's object store, or vLLM's NCCL / IPC / gloo
+        transfer), then the engines put the new weights live at once. Engines hosted in this group's
         processes (``attach``) are loaded there, in memory, in one call per rank."""
+        if not isinstance(rollout, RoleGroup):
+            raise TypeError(f"a Ray actor group syncs into Ray engine groups, got {type(rollout).__name__}")
         bucket_bytes = int(bucket_mb * 2 ** 20)
         if rollout.host is self:
             return self._wait([h.load_attached_engine.remote(rollout.role, bucket_bytes, version)
@@ -312,8 +320,13 @@ class RoleGroup:
         return results
 
     def shutdown(self) -> None:
-        if self.host is not None:   # the hosting group's processes: killed with it
+        """End the ranks' processes: each is asked to exit once its current call returns (its exit
+        handlers run: process-group teardown, flushed output); ranks still there after
+        ``_EXIT_GRACE_S`` (hung in a collective, say) are killed."""
+        if self.host is not None:   # the hosting group's processes: ended with it
             return
+        exits = [handle.__ray_terminate__.remote() for handle in self.handles]
+        ray.wait(exits, num_returns=len(exits), timeout=_EXIT_GRACE_S)
         for handle in self.handles:
             ray.kill(handle, no_restart=True)
 
@@ -322,14 +335,14 @@ def create_pools(plan: PlacementPlan, *, use_gpu: bool, cpus_per_worker: float, 
                  timeout_s: float = 120.0) -> dict[str, PlacementGroup]:
     """Create (and wait for) one placement group per pool; a pool that cannot fit fails with its needs.
     strategy: Ray's placement strategy (cluster.placement_strategy)."""
-    bundle = plan.bundle(use_gpu, cpus_per_worker)
-    pools = {name: placement_group([dict(bundle) for _ in range(size)], strategy=strategy)
+    bundles = {name: plan.bundle(use_gpu, cpus_per_worker, name) for name in plan.pool_sizes}
+    pools = {name: placement_group([dict(bundles[name]) for _ in range(size)], strategy=strategy)
              for name, size in plan.pool_sizes.items()}
     for name, pg in pools.items():
         ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
         if not ready:
             raise RuntimeError(
-                f"placement group {name!r} ({plan.pool_sizes[name]} x {bundle}) could not be placed within "
+                f"placement group {name!r} ({plan.pool_sizes[name]} x {bundles[name]}) could not be placed within "
                 f"{timeout_s:.0f} s; the cluster offers {ray.cluster_resources()}. Lower the roles' "
                 f"num_ranks / rollout.num_engines, set cluster.colocate=true, or lower cluster.cpus_per_worker")
     return pools

@@ -9,8 +9,7 @@ KL, reward model without ``reward.use_model``) are not started at all.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.cluster.group import Group
@@ -40,40 +39,78 @@ def _worker_spec(cfg: Config, role: str) -> tuple[Callable, tuple]:
     return classes[role], (cfg,)
 
 
-@dataclass
+def _main_runs(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+def run_cleanup(steps: list[Callable[[], Any]]) -> None:
+    """Run clean-up steps last-in first-out; every one runs even when an earlier one fails, and the first
+    failure is raised after."""
+    first: Optional[BaseException] = None
+    while steps:
+        try:
+            steps.pop()()
+        except Exception as err:  # noqa: BLE001 - keep cleaning, report the first
+            first = first or err
+    if first is not None:
+        raise first
+
+
 class Roles:
-    """The groups of one run (None for a role not in use)."""
-    actor: Group
-    rollout: Group
-    critic: Optional[Group] = None
-    reference: Optional[Group] = None
-    reward: Optional[Group] = None
-    is_main: bool = True          # writes logs and files: the Ray driver, or rank 0 under the launcher
-    # any_process(flag): True on every controller when it is True on one (SPMD ranks must agree on
-    # when to stop; a single Ray driver agrees with itself)
-    any_process: Callable[[bool], bool] = bool
-    # from_main(fn): fn() run by the main process alone, its result returned on every controller (SPMD
-    # ranks must train on identical rewards even when a reward function times out on one of them)
-    from_main: Callable[[Callable[[], Any]], Any] = lambda fn: fn()
-    _cleanup: list = field(default_factory=list)
+    """The groups of one run, by role name (a role not in use has none), and how its controllers agree.
+
+    ``actor`` and ``rollout`` are there in every RL run (a stage's roles may lack them: asking raises);
+    ``critic``, ``reference`` and ``reward`` are None when the config does not use them.
+    is_main: writes logs and files (the Ray driver, or rank 0 under the launcher).
+    any_process(flag): True on every controller when it is True on one (SPMD ranks must agree on when to
+      stop; a single Ray driver agrees with itself).
+    from_main(fn): fn() run by the main process alone, its result returned on every controller (SPMD ranks
+      must train on identical rewards even when a reward function times out on one of them).
+    """
+
+    def __init__(self, groups: Mapping[str, Group], *, is_main: bool = True,
+                 any_process: Callable[[bool], bool] = bool,
+                 from_main: Callable[[Callable[[], Any]], Any] = _main_runs,
+                 cleanup: Optional[list[Callable[[], Any]]] = None):
+        self.groups = dict(groups)
+        self.is_main, self.any_process, self.from_main = is_main, any_process, from_main
+        self._cleanup = list(cleanup or [])
+
+    def _require(self, role: str) -> Group:
+        group = self.groups.get(role)
+        if group is None:
+            raise RuntimeError(f"role {role!r} was not started in this run (started: {', '.join(self.groups)})")
+        return group
+
+    @property
+    def actor(self) -> Group:
+        return self._require("actor")
+
+    @property
+    def rollout(self) -> Group:
+        return self._require("rollout")
+
+    @property
+    def critic(self) -> Optional[Group]:
+        return self.groups.get("critic")
+
+    @property
+    def reference(self) -> Optional[Group]:
+        return self.groups.get("reference")
+
+    @property
+    def reward(self) -> Optional[Group]:
+        return self.groups.get("reward")
 
     def trainable(self) -> dict[str, Group]:
-        return {name: g for name, g in (("actor", self.actor), ("critic", self.critic)) if g is not None}
+        return {name: self.groups[name] for name in ("actor", "critic") if name in self.groups}
 
     def model_roles(self) -> dict[str, Group]:
-        return {name: g for name in ("actor", "critic", "reference", "reward")
-                if (g := getattr(self, name)) is not None}
+        return {name: self.groups[name] for name in ("actor", "critic", "reference", "reward") if name in self.groups}
 
     def shutdown(self) -> None:
         """Every clean-up step runs, even when an earlier one fails; the first failure is raised after."""
-        first: Optional[BaseException] = None
-        while self._cleanup:
-            try:
-                self._cleanup.pop()()
-            except Exception as err:  # noqa: BLE001 - keep cleaning, report the first
-                first = first or err
-        if first is not None:
-            raise first
+        run_cleanup(self._cleanup)
 
 
 def build_roles(cfg: Config, total_steps: int) -> Roles:
@@ -96,7 +133,7 @@ def build_stage_roles(cfg: Config, role: str, worker_cls: type, total_steps: int
     workers, with the rollout engines when the stage evaluates by generating, and build its model.
 
     The same start-up as ``build_roles`` (Ray groups, or SPMD groups under the deepspeed launcher); the
-    group is ``getattr(roles, role)``. total_steps: optimizer steps of the stage, for its lr schedule."""
+    group is ``roles.groups[role]``. total_steps: optimizer steps of the stage, for its lr schedule."""
     ranks = {role: getattr(cfg, role).num_ranks, "rollout": cfg.rollout.num_engines if with_rollout else 0}
 
     def spec(cfg: Config, name: str) -> tuple[Callable, tuple]:
@@ -105,7 +142,7 @@ def build_stage_roles(cfg: Config, role: str, worker_cls: type, total_steps: int
     build = _build_ray if cfg.cluster.launcher == "ray" else _build_spmd
     roles = build(cfg, ranks, spec)
     try:
-        getattr(roles, role).run_all("init_model", total_steps)
+        roles.groups[role].run_all("init_model", total_steps)
     except BaseException:
         roles.shutdown()
         raise
@@ -115,7 +152,7 @@ def build_stage_roles(cfg: Config, role: str, worker_cls: type, total_steps: int
 def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
     import ray
 
-    from rlhf_ds.cluster.placement import plan_placement
+    from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
     from rlhf_ds.cluster.ray_group import RoleGroup, create_pools, remove_pools, start_ray, worker_env
     from rlhf_ds.cluster.threads import worker_threads
     from rlhf_ds.engine.dist import has_gpu
@@ -124,33 +161,32 @@ def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec
     # the engines live in the actor's processes (Config.engines_in_actor), taking no resources of their own
     in_actor = bool(cfg.engines_in_actor and ranks.get("rollout") and ranks.get("actor"))
     ranks = dict(ranks, rollout=0) if in_actor else ranks
-    plan = plan_placement(ranks, cfg.cluster.colocate)
+    plan = plan_placement(ranks, cfg.cluster.colocate, gpus_per_rank(cfg))
     started = start_ray(cfg.cluster.ray_address, plan.total_cpus(bool(use_gpu), cfg.cluster.cpus_per_worker))
     if use_gpu is None:   # joined a cluster: its resources decide, not the driver's host
         use_gpu = ray.cluster_resources().get("GPU", 0) > 0
     cpus = cfg.cluster.cpus_per_worker
-    roles = Roles(actor=None, rollout=None, is_main=True)
-    roles._cleanup.append(lambda: ray.shutdown() if started else None)
+    groups: dict[str, RoleGroup] = {}
+    cleanup: list[Callable[[], Any]] = [lambda: ray.shutdown() if started else None]
     try:
         pools = create_pools(plan, use_gpu=use_gpu, cpus_per_worker=cpus,
                              strategy=cfg.cluster.placement_strategy)
-        roles._cleanup.append(lambda: remove_pools(pools))
+        cleanup.append(lambda: remove_pools(pools))
         threads = worker_threads(cfg, ranks, os.cpu_count() or 1)
         for name, n in ranks.items():
             if n == 0:
                 continue
             cls, args = spec(cfg, name)
-            group = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
-                              env=dict(worker_env(), OMP_NUM_THREADS=str(threads[name])),
-                              call_timeout_s=cfg.cluster.call_timeout_s)
-            roles._cleanup.append(group.shutdown)
-            setattr(roles, name, group)
+            groups[name] = RoleGroup(name, cls, plan, pools, use_gpu=use_gpu, cpus_per_worker=cpus, worker_args=args,
+                                     env=dict(worker_env(), OMP_NUM_THREADS=str(threads[name])),
+                                     call_timeout_s=cfg.cluster.call_timeout_s)
+            cleanup.append(groups[name].shutdown)
         if in_actor:
-            roles.rollout = roles.actor.attach("rollout", *spec(cfg, "rollout"))
+            groups["rollout"] = groups["actor"].attach("rollout", *spec(cfg, "rollout"))
     except BaseException:
-        roles.shutdown()
+        run_cleanup(cleanup)
         raise
-    return roles
+    return Roles(groups, is_main=True, cleanup=cleanup)
 
 
 def check_spmd_ranks(ranks: dict[str, int], world_size: int) -> None:
@@ -171,14 +207,12 @@ def _build_spmd(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spe
 
     init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
     check_spmd_ranks(ranks, dp_size())   # before any worker is built: every rank raises the same error
-    roles = Roles(actor=None, rollout=None, is_main=process_rank() == 0, any_process=any_rank,
-                  from_main=on_rank0_shared)
+    groups: dict[str, Group] = {}
     for name, n in ranks.items():
         if n == 0:
             continue
         # SPMD: every rank owns one rollout engine, whatever rollout.num_engines says
         cls, args = spec(cfg, name)
-        group = SpmdGroup(name, cls, worker_args=args)
-        roles._cleanup.append(group.shutdown)
-        setattr(roles, name, group)
-    return roles
+        groups[name] = SpmdGroup(name, cls, worker_args=args)
+    return Roles(groups, is_main=process_rank() == 0, any_process=any_rank, from_main=on_rank0_shared,
+                 cleanup=[g.shutdown for g in groups.values()])

@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 import torch.distributed as dist
 
 from rlhf_ds.cluster.dispatch import concat_results, split_by_rank
+from rlhf_ds.cluster.group import Group
 from rlhf_ds.rollout.weights import load_in_process
 
 
@@ -64,8 +65,11 @@ class SpmdGroup:
                        **kwargs) -> _Done:
         return _Done(self.dispatch(method, batch, *args, even=even, concat=concat, **kwargs))
 
-    def sync_weights(self, rollout: "SpmdGroup", bucket_mb: float, version: str) -> int:
+    def sync_weights(self, rollout: Group, bucket_mb: float, version: str) -> int:
         """Every rank gathers each bucket (collective) and loads it into its own engine, in memory."""
+        if not isinstance(rollout, SpmdGroup):
+            raise TypeError(f"an SPMD actor group syncs into this process's engine (an SpmdGroup), got "
+                            f"{type(rollout).__name__}")
         return load_in_process(self._worker, rollout._worker, int(bucket_mb * 2 ** 20), version)
 
     def shutdown(self) -> None:

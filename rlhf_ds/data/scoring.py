@@ -15,13 +15,14 @@ from rlhf_ds.rollout.base import RolloutSample, SamplingParams, build_experience
 Generate = Callable[[list[list[int]], int, SamplingParams, int], list[RolloutSample]]
 
 
-def decode(tokenizer: Any, exp: Experience) -> tuple[list[str], list[bool]]:
-    """Response texts (special tokens dropped) and whether each stopped on eos."""
-    eos = tokenizer.eos_token_id
+def decode(tokenizer: Any, exp: Experience, stop_ids: Sequence[int]) -> tuple[list[str], list[bool]]:
+    """Response texts (special tokens dropped) and whether each stopped on one of ``stop_ids`` (the
+    tokenizer's eos and the model's generation-config eos ids: ``models.tokenizer.model_stop_token_ids``)."""
+    stops = set(stop_ids)
     texts, finished = [], []
-    for ids, mask in zip(exp.response_ids, exp.response_mask):
+    for ids, mask in zip(exp.response_ids, exp.response_mask, strict=True):
         tokens = ids[mask.bool()].tolist()
-        finished.append(bool(tokens) and tokens[-1] == eos)
+        finished.append(bool(tokens) and tokens[-1] in stops)
         texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
     return texts, finished
 
@@ -74,23 +75,24 @@ def _exact_match_runner(prompts: list[str], responses: list[str], answers: list[
 
 
 def _sample_and_score(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], prompts: list[list[int]],
-                      n: int, sampling: SamplingParams, pad_id: int, max_prompt_len: int, runner: Any
-                      ) -> tuple[Experience, torch.Tensor, list[bool]]:
+                      n: int, sampling: SamplingParams, pad_id: int, max_prompt_len: int, runner: Any,
+                      stop_ids: Sequence[int]) -> tuple[Experience, torch.Tensor, list[bool]]:
     """``n`` samples of every prompt (seed 0: every evaluation draws alike), their rule rewards [B] and
-    whether each stopped on eos."""
+    whether each stopped on one of ``stop_ids``."""
     samples = generate(prompts, n, sampling, 0)
     exp = build_experience(prompts, samples, pad_id, max_prompt_len, sampling.max_new_tokens)
-    texts, finished = decode(tokenizer, exp)
+    texts, finished = decode(tokenizer, exp, stop_ids)
     scores, _ = score_rules(runner, records, exp, texts, finished)
     return exp, scores, finished
 
 
 def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord], eval_prompts: list[list[int]],
              temperature: float, max_new_tokens: int, pad_id: int, max_prompt_len: int, *,
-             runner: Optional[Any] = None, correct_score: float = 1.0, pass_k: int = 1,
+             stop_ids: Sequence[int], runner: Optional[Any] = None, correct_score: float = 1.0, pass_k: int = 1,
              pass_k_temperature: float = 1.0) -> dict[str, float]:
     """Held-out accuracy of one sample per prompt (greedy at ``temperature`` 0), scored by the run's rules.
 
+    stop_ids: the ids a finished response ends on (``models.tokenizer.model_stop_token_ids``).
     runner: the run's rule reward, called like :class:`~rlhf_ds.data.rewards.RewardRunner`
       (prompts, responses, answers, finished) -> (scores, stats); None = ``exact_match``.
     A response is correct when its reward is >= ``correct_score`` (:func:`is_correct`).
@@ -102,14 +104,14 @@ def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord]
     runner = _exact_match_runner if runner is None else runner
     sampling = SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens)
     _, scores, finished = _sample_and_score(generate, tokenizer, records, eval_prompts, 1, sampling, pad_id,
-                                            max_prompt_len, runner)
+                                            max_prompt_len, runner, stop_ids)
     out = {"eval/accuracy": is_correct(scores, correct_score).double().mean().item() if len(scores) else 0.0,
            "eval/finished": sum(finished) / max(len(finished), 1),
            "eval/reward_mean": scores.mean().item() if len(scores) else 0.0}
     if pass_k > 1:
         sampling = SamplingParams(temperature=pass_k_temperature, max_new_tokens=max_new_tokens)
         exp, scores, _ = _sample_and_score(generate, tokenizer, records, eval_prompts, pass_k, sampling, pad_id,
-                                           max_prompt_len, runner)
+                                           max_prompt_len, runner, stop_ids)
         hits = torch.zeros(len(eval_prompts), dtype=torch.float64)
         hits.index_add_(0, exp.group_ids, is_correct(scores, correct_score).double())
         out[f"eval/pass@{pass_k}"] = (hits > 0).double().mean().item()

@@ -32,12 +32,12 @@ def size_bounded_buckets(named: list[tuple[str, torch.Tensor]], bucket_bytes: in
 def full_shapes(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     """``(name, full shape)`` of every parameter, in the order ``iter_full_param_buckets`` yields them
     (a ZeRO-3 parameter reports its gathered shape; nothing is gathered)."""
-    return [(name, tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape))
-            for name, p in module.named_parameters()]
+    return [(name, tuple(getattr(p, "ds_shape", p.shape))) for name, p in module.named_parameters()]
 
 
-def _full_numel(param: torch.nn.Parameter) -> int:
-    return int(param.ds_numel) if hasattr(param, "ds_numel") else param.numel()
+def _full_numel(param: torch.Tensor) -> int:
+    """Elements of the full tensor: ZeRO-3 sets ``ds_numel`` on the parameters it partitions."""
+    return int(getattr(param, "ds_numel", param.numel()))
 
 
 def _per_module(module: torch.nn.Module) -> Iterator[list[tuple[str, torch.nn.Parameter]]]:
@@ -69,8 +69,8 @@ def iter_full_param_buckets(module: torch.nn.Module, *, bucket_bytes: Optional[i
     for group in groups:
         params = [p for _, p in group]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            device = "cpu" if to_cpu else p.data.device
-            copies = [(name, p.data.detach().to(device=device, dtype=dtype or p.dtype, copy=True))
+            copies = [(name, p.data.detach().to(device="cpu" if to_cpu else p.data.device, dtype=dtype or p.dtype,
+                                                copy=True))
                       for name, p in group]
         yield copies   # outside the gather: the consumer's work never holds the gathered parameters
 

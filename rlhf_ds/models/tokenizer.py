@@ -49,6 +49,34 @@ def load_tokenizer(model_path: str, tokenizer_path: str = "") -> Any:
     return ensure_pad_token(AutoTokenizer.from_pretrained(source), source)
 
 
+def stop_token_ids(tokenizer: Any, generation_eos: Any = None) -> tuple[int, ...]:
+    """The ids a response may stop on: the tokenizer's eos, then every eos id of the model's generation
+    config (``generation_eos``: an id, a list of ids, or None). vLLM stops on all of them: Qwen's instruct
+    models end a turn with ``<|im_end|>`` while their tokenizer's eos may be ``<|endoftext|>``."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids += [int(i) for i in (generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos])
+            if i is not None]
+    if not ids:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path} has no eos token and the model's generation config "
+                         f"names none: a response could never be seen to finish")
+    return tuple(dict.fromkeys(ids))
+
+
+def model_stop_token_ids(model_path: str, tokenizer: Any) -> tuple[int, ...]:
+    """:func:`stop_token_ids` with the eos ids of the model at ``model_path`` (its generation_config.json,
+    else its config.json), read without loading weights."""
+    import os
+
+    from transformers import AutoConfig, GenerationConfig
+
+    path = resolve_model_path(model_path)
+    if os.path.exists(os.path.join(path, "generation_config.json")):
+        eos = GenerationConfig.from_pretrained(path).eos_token_id
+    else:
+        eos = getattr(AutoConfig.from_pretrained(path), "eos_token_id", None)
+    return stop_token_ids(tokenizer, eos)
+
+
 def check_chat_template(tokenizer: Any, apply_chat_template: bool, role: str) -> None:
     """Refuse ``data.apply_chat_template=true`` with a tokenizer that has no chat template, at start-up.
 

@@ -219,14 +219,16 @@ def _gpu_of_each_process(cfg: Config, processes: dict[str, list[Process]]) -> di
     """GPU index of every rank of every role."""
     if cfg.cluster.launcher == "deepspeed":
         return {role: list(range(len(procs))) for role, procs in processes.items()}
-    from rlhf_ds.cluster.placement import plan_placement
+    from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
 
     placed = {role: len(procs) for role, procs in processes.items() if not _inside_actor(cfg, role)}
-    placement = plan_placement(placed, cfg.cluster.colocate)
+    placement = plan_placement(placed, cfg.cluster.colocate, gpus_per_rank(cfg))
     first_gpu, next_gpu = {}, 0
     for pool, size in placement.pool_sizes.items():
-        first_gpu[pool], next_gpu = next_gpu, next_gpu + size
-    gpus = {role: [first_gpu[p.pool] + b for b in p.bundle_indices] for role, p in placement.roles.items()}
+        first_gpu[pool], next_gpu = next_gpu, next_gpu + size * placement.pool_gpus.get(pool, 1)
+    # a rank's first GPU (a tensor-parallel engine holds the next ones of its bundle too)
+    gpus = {role: [first_gpu[p.pool] + b * placement.pool_gpus.get(p.pool, 1) for b in p.bundle_indices]
+            for role, p in placement.roles.items()}
     if "rollout" in processes and "rollout" not in gpus:
         gpus["rollout"] = gpus["actor"]
     return gpus
@@ -258,7 +260,7 @@ def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
     nodes = [DevicePlan(f"host {n}", target.host_memory) for n in range(math.ceil(num_gpus / target.gpus_per_node))]
     for role, procs in processes.items():
         own_process = {} if _inside_actor(cfg, role) else {"CUDA context": CUDA_CONTEXT_BYTES}
-        for p, g in zip(procs, gpu_of[role]):
+        for p, g in zip(procs, gpu_of[role], strict=True):
             gpus[g].parts.append((p.label, role, {**p.usage.device, **own_process}))
             runtime = {"process runtime": PROCESS_HOST_BYTES} if own_process else {}
             nodes[g // target.gpus_per_node].parts.append((p.label, role, {**p.usage.host, **runtime}))

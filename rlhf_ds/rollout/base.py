@@ -12,7 +12,7 @@ sampling compares like with like.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence
 
 import torch
 
@@ -38,17 +38,37 @@ class RolloutSample:
 
 
 class RolloutEngine(Protocol):
-    """What every rollout engine offers the rollout group (``rollout.engines`` builds them)."""
+    """What every rollout engine offers the rollout group (``rollout.engines`` builds them): generation,
+    and its side of the weight-update protocol of ``rollout.weights``."""
 
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingParams,
                  seed: int) -> list[RolloutSample]:
         """``n`` samples for each prompt, prompt-major (prompt 0's samples first). Same seed, same
         prompts, same engine -> the same samples."""
-
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load full parameters by name (one bucket of the actor's); returns how many were loaded."""
+        ...
 
     def num_parameters(self) -> int:
+        ...
+
+    def weight_version(self) -> str:
+        """The version of the weights it serves (``step-N``; ``default`` as loaded from disk)."""
+        ...
+
+    def direct_transfer(self) -> Optional[tuple[str, int]]:
+        """(vLLM transfer backend, tensor-parallel size) when the actor's rank 0 sends the weights through
+        vLLM's own transfer (``rollout.vllm_transfer``); None when buckets arrive by ``update_weights``."""
+        ...
+
+    def start_weight_update(self, manifest: list, version: str) -> None:
+        """Check the actor's manifest against the engine's model; raise ``WeightMismatch`` to refuse."""
+        ...
+
+    def update_weights(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Check and keep one bucket of full parameters, in manifest order; returns how many."""
+        ...
+
+    def finish_weight_update(self) -> str:
+        """Put the new weights live at once; returns their version."""
         ...
 
 

@@ -19,11 +19,13 @@ from contextlib import contextmanager
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
+import torch._C._nn
+from transformers import AutoModelForCausalLM, GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from rlhf_ds.batch import pad_prompts
 from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
+from rlhf_ds.models.tokenizer import stop_token_ids
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
 from rlhf_ds.rollout.static_decode import StaticCacheDecoder, sampling_logprobs, unsupported
 from rlhf_ds.rollout.weights import UpdateSession, manifest_of
@@ -67,6 +69,8 @@ class SampledTokenLogprobs(LogitsProcessor):
         return scores
 
     def _gather(self, tokens_B: torch.Tensor) -> None:
+        if self.step_logp_BV is None:
+            raise RuntimeError("SampledTokenLogprobs: generate returned tokens, but no step's logits were seen")
         self.token_logprobs.append(self.step_logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1))
 
     def logprobs_BT(self, tokens_BT: torch.Tensor) -> torch.Tensor:
@@ -94,9 +98,12 @@ def native_linear() -> Iterator[None]:
         torch.nn.functional.linear = patched
 
 
-def trim_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    """The response up to and including its first eos (all of it when the model never stopped)."""
-    return tokens[: tokens.index(eos_id) + 1] if eos_id in tokens else tokens
+def trim_at_eos(tokens: list[int], stop_ids: Sequence[int]) -> list[int]:
+    """The response up to and including its first stop token (all of it when the model never stopped)."""
+    for i, token in enumerate(tokens):
+        if token in stop_ids:
+            return tokens[:i + 1]
+    return tokens
 
 
 class HFRolloutEngine:
@@ -112,18 +119,22 @@ class HFRolloutEngine:
         hf_logging.disable_progress_bar()
         path = resolve_model_path(model_path)
         torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(get_device())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        # transformers wraps to() in functools.wraps, whose stub leaves self unbound
+        model = model.to(get_device())  # pyright: ignore[reportArgumentType]
         self._setup(model, load_tokenizer(path, tokenizer_path), max_batch_sequences, decoder)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, tokenizer, max_batch_sequences: int = MAX_BATCH_SEQUENCES,
+    def from_model(cls, model: PreTrainedModel, tokenizer, max_batch_sequences: int = MAX_BATCH_SEQUENCES,
                    decoder: str = "static") -> "HFRolloutEngine":
         """An engine over a model that lives in this process."""
         engine = cls.__new__(cls)
         engine._setup(model, tokenizer, max_batch_sequences, decoder)
         return engine
 
-    def _setup(self, model: torch.nn.Module, tokenizer, max_batch_sequences: int, decoder: str) -> None:
+    def _setup(self, model: PreTrainedModel, tokenizer, max_batch_sequences: int, decoder: str) -> None:
+        if not isinstance(model, GenerationMixin):
+            raise TypeError(f"HF engine: {type(model).__name__} cannot generate (not a causal LM)")
         self.model = model.eval()
         # why generate runs instead of the static-cache decoder ('' when the decoder runs)
         self.fallback = "rollout.hf_decoder=generate" if decoder == "generate" else (unsupported(model) or "")
@@ -132,7 +143,9 @@ class HFRolloutEngine:
             logger.warning("HF engine: decoding with generate (slower on CPU): the static-cache decoder does not "
                            "cover this model: %s", self.fallback)
         self.device = next(model.parameters()).device
-        self.pad_id, self.eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        # the tokenizer's eos and the generation config's (vLLM stops on all of them, so the engines agree)
+        self.pad_id = tokenizer.pad_token_id
+        self.stop_ids = stop_token_ids(tokenizer, model.generation_config.eos_token_id)
         self.max_batch_sequences = max_batch_sequences
         self.rank = process_rank()
         self.version = "default"
@@ -157,7 +170,7 @@ class HFRolloutEngine:
         if self.decoder is not None:
             ids, mask = pad_prompts(prompts, self.pad_id)
             tokens, logprobs = self.decoder.generate(ids.to(self.device), mask.to(self.device), n, sampling,
-                                                     self.eos_id, self.pad_id)
+                                                     self.stop_ids, self.pad_id)
         else:
             tokens, logprobs = self._hf_generate(prompts, n, sampling)
         logprobs = logprobs.cpu()
@@ -165,7 +178,7 @@ class HFRolloutEngine:
         for row in range(tokens.shape[0]):   # rows are prompt-major: each prompt's n rows are adjacent
             response = tokens[row].tolist()
             if not sampling.ignore_eos:
-                response = trim_at_eos(response, self.eos_id)
+                response = trim_at_eos(response, self.stop_ids)
             samples.append(RolloutSample(offset + row // n, response, logprobs[row, :len(response)].tolist()))
         return samples
 
@@ -179,9 +192,10 @@ class HFRolloutEngine:
                                    "top_k": sampling.top_k if sampling.top_k > 0 else 0}
         # No eos id means no EosTokenCriteria to stop on, while eos keeps its probability (min_new_tokens
         # would mask it and change the distribution the log-probs describe).
-        stop_ids = [] if sampling.ignore_eos else self.eos_id
+        stop_ids = [] if sampling.ignore_eos else list(self.stop_ids)
         recorder = SampledTokenLogprobs(sampling.temperature)
-        sequences = self.model.generate(
+        # transformers types generate's self as a Protocol its own models do not satisfy
+        sequences = self.model.generate(  # pyright: ignore[reportAttributeAccessIssue]
             input_ids=ids.to(self.device), attention_mask=mask.to(self.device), do_sample=not greedy,
             num_return_sequences=copies, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.pad_id,
             eos_token_id=stop_ids, logits_processor=LogitsProcessorList([recorder]), **knobs)

@@ -18,12 +18,16 @@ it does not cover, and the engine then falls back to ``generate``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from rlhf_ds.rollout.base import SamplingParams
+
+if TYPE_CHECKING:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2ForCausalLM
 
 ARCHITECTURES = ("llama", "qwen2")
 # generation_config fields that would add a logits processor to ``generate`` (their neutral values)
@@ -36,11 +40,29 @@ _NEUTRAL_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size"
                        "min_new_tokens": (None, 0), "renormalize_logits": (None, False)}
 
 
+def _model_classes() -> tuple[type[LlamaForCausalLM], type[Qwen2ForCausalLM]]:
+    """The classes of ``ARCHITECTURES`` whose modules this loop calls (imported on first use)."""
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
+
+    return LlamaForCausalLM, Qwen2ForCausalLM
+
+
+def _layer_classes() -> tuple[type[LlamaDecoderLayer], type[Qwen2DecoderLayer]]:
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    return LlamaDecoderLayer, Qwen2DecoderLayer
+
+
 def unsupported(model: torch.nn.Module) -> Optional[str]:
     """Why this loop cannot stand in for ``model.generate`` (None when it can)."""
-    config = model.config
-    if config.model_type not in ARCHITECTURES:
-        return f"model_type {config.model_type!r} (covered: {', '.join(ARCHITECTURES)})"
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return f"model_type {model_type!r} (covered: {', '.join(ARCHITECTURES)})"
+    if not isinstance(model, _model_classes()):   # one of those model types in a class of its own
+        return f"model class {type(model).__name__} (covered: {', '.join(c.__name__ for c in _model_classes())})"
     if getattr(config, "use_sliding_window", False):
         return "sliding-window attention"
     generation = getattr(model, "generation_config", None)
@@ -86,11 +108,15 @@ class StaticCacheDecoder:
 
     def __init__(self, model: torch.nn.Module):
         reason = unsupported(model)
-        if reason is not None:
+        if reason is not None or not isinstance(model, _model_classes()):
             raise ValueError(f"static-cache decoding does not cover this model: {reason}")
         config, base = model.config, model.model
         self.embed, self.norm, self.rotary, self.lm_head = base.embed_tokens, base.norm, base.rotary_emb, model.lm_head
-        self.layers = list(base.layers)
+        self.layers: list[LlamaDecoderLayer | Qwen2DecoderLayer] = []
+        for layer in base.layers:
+            if not isinstance(layer, _layer_classes()):
+                raise ValueError(f"static-cache decoding does not cover decoder layer {type(layer).__name__}")
+            self.layers.append(layer)
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = getattr(config, "num_key_value_heads", None) or self.num_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
@@ -98,17 +124,18 @@ class StaticCacheDecoder:
 
     @torch.no_grad()
     def generate(self, ids_BP: torch.Tensor, mask_BP: torch.Tensor, n: int, sampling: SamplingParams,
-                 eos_id: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                 stop_ids: Sequence[int], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` responses per left-padded prompt, prompt-major: tokens and their log-probs [B*n, T].
 
         Log-probs are those of the untruncated, tempered distribution (temperature 0: untempered). A row
-        stops at its eos and is padded with ``pad_id`` after it; all rows stopped ends the loop early
-        (T < max_new_tokens). With ``sampling.ignore_eos`` every row runs to ``max_new_tokens``.
+        stops at its first token in ``stop_ids`` (the eos ids) and is padded with ``pad_id`` after it; all
+        rows stopped ends the loop early (T < max_new_tokens). With ``sampling.ignore_eos`` every row runs
+        to ``max_new_tokens``.
         """
         B, P = ids_BP.shape
         device, dtype = ids_BP.device, self.embed.weight.dtype
         T, rows = sampling.max_new_tokens, B * n
-        stop_id = None if sampling.ignore_eos else eos_id
+        stops = None if sampling.ignore_eos else torch.tensor(list(stop_ids), device=device)
         mask_BP = mask_BP.bool()
         # K and V of every layer: [layers, 2, B*n, kv_heads, P + T, head_dim], filled left to right
         cache = torch.zeros(len(self.layers), 2, rows, self.num_kv_heads, P + T, self.head_dim,
@@ -135,12 +162,12 @@ class StaticCacheDecoder:
                 token = torch.argmax(scores, dim=-1)
             else:
                 token = torch.multinomial(F.softmax(warp(scores, sampling), dim=-1), num_samples=1).squeeze(1)
-            if stop_id is not None:
+            if stops is not None:
                 token = torch.where(unfinished, token, pad_id)
             tokens.append(token)
             logprobs.append(logp.gather(-1, token[:, None]).squeeze(1))
-            if stop_id is not None:
-                unfinished &= token != stop_id
+            if stops is not None:
+                unfinished &= ~torch.isin(token, stops)
                 if not bool(unfinished.any()):
                     break
             if t + 1 == T:

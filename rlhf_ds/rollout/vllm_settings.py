@@ -19,19 +19,26 @@ from typing import Any
 LOGPROBS_MODE = "processed_logprobs"
 
 # The weight-transfer backends: NCCL broadcast from actor rank 0 to engines on other GPUs, CUDA IPC
-# handles when actor and engines share GPUs, and a shared-memory file backend for CPU hosts (registered
-# by ``rollout.vllm_worker``; vLLM's NCCL and IPC engines need a GPU).
+# handles when actor and engines share GPUs; on CPU hosts the same NCCL protocol over gloo (engines of
+# their own, ``rollout.vllm_gloo``), and shared-memory files for an engine living in the actor rank's own
+# process (the deepspeed launcher). The last two are registered by ``rollout.vllm_worker`` in vLLM's workers.
+GLOO_BACKEND = "rlhf_ds_gloo"
 SHM_BACKEND = "rlhf_ds_shm"
-TRANSFER_BACKENDS = ("nccl", "ipc", SHM_BACKEND)
+TRANSFER_BACKENDS = ("nccl", "ipc", GLOO_BACKEND, SHM_BACKEND)
+RENDEZVOUS_BACKENDS = ("nccl", GLOO_BACKEND)   # actor rank 0 hosts a group the engine workers join
 
-# The worker extension mixed into every vLLM worker (registers the CPU backend, answers manifest queries).
+# The worker extension mixed into every vLLM worker (registers the CPU backends, answers liveness queries).
 WORKER_EXTENSION = "rlhf_ds.rollout.vllm_worker.RolloutWorkerExtension"
 
 
-def transfer_backend(on_gpu: bool, colocated: bool) -> str:
-    """nccl (separate GPUs), ipc (colocated GPUs) or the shared-memory backend (CPU)."""
-    if not on_gpu:
+def transfer_backend(on_gpu: bool, colocated: bool, local: bool = False) -> str:
+    """How the actor's weights reach an engine: nccl (separate GPUs), ipc (colocated GPUs), gloo (CPU
+    hosts), or files when the buckets come from the engine's own process (``local``: a rank's engine under
+    the deepspeed launcher, or a script driving an engine directly)."""
+    if local:
         return SHM_BACKEND
+    if not on_gpu:
+        return GLOO_BACKEND
     return "ipc" if colocated else "nccl"
 
 
@@ -47,12 +54,14 @@ def compilation_config(vllm_cfg: Any) -> dict[str, Any]:
 
 
 def engine_kwargs(vllm_cfg: Any, *, model_path: str, tokenizer_path: str, dtype: str, seed: int,
-                  max_model_len: int, on_gpu: bool, colocated: bool, spmd: bool) -> dict[str, Any]:
+                  max_model_len: int, on_gpu: bool, colocated: bool, spmd: bool,
+                  local_updates: bool = False) -> dict[str, Any]:
     """Keyword arguments of ``vllm.LLM`` for one engine.
 
     vllm_cfg: the ``rollout.vllm`` section; dtype: "fp32" / "bf16" (the trained roles' precision);
     spmd: under the deepspeed launcher each rank hosts its own engine with vLLM's external-launcher
-    executor (GPU only: the caller refuses it on CPU).
+    executor (GPU only: the caller refuses it on CPU); its updates come from its own process.
+    local_updates: the updates come from the engine's own process (buckets handed to ``update_weights``).
     """
     if not on_gpu and vllm_cfg.kv_cache_memory_bytes <= 0:
         raise ValueError("rollout.vllm.kv_cache_memory_bytes must be set on a CPU host: vLLM's CPU default "
@@ -69,8 +78,7 @@ def engine_kwargs(vllm_cfg: Any, *, model_path: str, tokenizer_path: str, dtype:
         "enable_prefix_caching": vllm_cfg.enable_prefix_caching,
         "logprobs_mode": LOGPROBS_MODE,
         "worker_extension_cls": WORKER_EXTENSION,
-        # under the launcher the engine lives in the rank's own process: files, not NCCL to itself
-        "weight_transfer_config": {"backend": SHM_BACKEND if spmd else transfer_backend(on_gpu, colocated)},
+        "weight_transfer_config": {"backend": transfer_backend(on_gpu, colocated, spmd or local_updates)},
         "skip_tokenizer_init": False,
     }
     if vllm_cfg.kv_cache_memory_bytes > 0:
@@ -88,15 +96,26 @@ def engine_kwargs(vllm_cfg: Any, *, model_path: str, tokenizer_path: str, dtype:
         kwargs["enable_sleep_mode"] = True
     if spmd:
         kwargs["distributed_executor_backend"] = "external_launcher"
+    elif vllm_cfg.tensor_parallel_size > 1:
+        # The engine's Ray actor holds its tensor-parallel GPUs itself (one bundle of that many GPUs,
+        # ``cluster.placement``); vLLM's Ray executor would instead look for one bundle per GPU in the
+        # actor's placement group. Worker processes of its own see exactly the actor's GPUs.
+        kwargs["distributed_executor_backend"] = "mp"
     return kwargs
 
 
-def process_env(cache_dir: str, in_process: bool, threads: int) -> dict[str, str]:
+def process_env(cache_dir: str, in_process: bool, threads: int, *, on_gpu: bool = False,
+                backend: str = SHM_BACKEND) -> dict[str, str]:
     """Environment set before vLLM is imported in the engine's process.
 
     in_process: the engine core runs in this process (a Ray actor that hosts nothing else) instead of
-    spawning an engine-core and a worker process (~20 s more start-up on 2 cores, DESIGN.md).
+    spawning an engine-core and a worker process (~20 s more start-up on 2 cores, docs/rollouts.md).
     cache_dir: vLLM's and inductor's caches and the IPC socket files, which vLLM never removes.
+    backend: the weight transfer. CUDA IPC handles (``reduce_tensor`` tuples holding classes and dtypes)
+    cross into an engine core of its own process only through vLLM's msgpack encoder, which refuses them
+    unless its pickle fallback is allowed, as vLLM's own RL examples do.
+    Logging: vLLM's warnings on GPU (memory, kernels it falls back from: what a first run needs to see);
+    errors only on CPU, where it warns about the missing GPU kernels on every start.
     """
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if in_process else "1",
            "VLLM_CACHE_ROOT": os.path.join(cache_dir, "vllm"),
@@ -104,6 +123,8 @@ def process_env(cache_dir: str, in_process: bool, threads: int) -> dict[str, str
            "VLLM_RPC_BASE_PATH": os.path.join(cache_dir, "rpc"),
            "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR"),
+           "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING" if on_gpu else "ERROR"),
            "OMP_NUM_THREADS": str(threads)}
+    if backend == "ipc" and not in_process:
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return env

@@ -1,10 +1,16 @@
-"""Code that runs inside vLLM's worker processes: the shared-memory weight-transfer backend for CPU hosts.
+"""Code that runs inside vLLM's worker processes: the weight-transfer backends of CPU hosts and of
+engines living in an actor rank's own process.
 
-vLLM imports this module in every worker (``worker_extension_cls``), which registers the backend before
-the worker builds its transfer engine. vLLM's own NCCL and IPC backends need a GPU; on CPU the engine's
-host process writes each update as safetensors files in ``/dev/shm`` and this backend loads them through
-vLLM's layerwise reload, the path that restores the checkpoint layout, loads and repacks (plain
-``model.load_weights`` after start-up silently breaks vLLM's repacked CPU linear layers, vllm.md).
+vLLM imports this module in every worker (``worker_extension_cls``), which registers the backends before
+the worker builds its transfer engine:
+
+- ``rlhf_ds_gloo``: vLLM's NCCL receive over gloo (``rollout.vllm_gloo``), for engines of their own on CPU;
+- ``rlhf_ds_shm``: the engine's host process writes each update as safetensors files in ``/dev/shm`` and
+  this backend loads them, for an engine in the same process as its actor rank (the deepspeed launcher).
+
+Both load through vLLM's layerwise reload, the path that restores the checkpoint layout, loads and repacks
+(plain ``model.load_weights`` after start-up silently breaks vLLM's repacked CPU linear layers,
+docs/rollouts.md).
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from vllm.distributed.weight_transfer.base import (WeightTransferEngine, WeightT
                                                    WeightTransferUpdateInfo)
 from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-from rlhf_ds.rollout.vllm_settings import SHM_BACKEND
+from rlhf_ds.rollout.vllm_gloo import GlooWeightTransferEngine
+from rlhf_ds.rollout.vllm_settings import GLOO_BACKEND, SHM_BACKEND
 
 
 @dataclass
@@ -51,7 +58,8 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         from safetensors.torch import load_file
 
         for path in update_info.paths:
-            self.model.load_weights(iter(load_file(path).items()))
+            # vLLM's models define load_weights; torch.nn.Module, the declared type, does not
+            self.model.load_weights(iter(load_file(path).items()))  # pyright: ignore[reportCallIssue]
 
     def finish_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
@@ -62,14 +70,12 @@ class ShmWeightTransferEngine(WeightTransferEngine[ShmInitInfo, ShmUpdateInfo]):
         pass
 
 
-if SHM_BACKEND not in WeightTransferEngineFactory._registry:
-    WeightTransferEngineFactory.register_engine(SHM_BACKEND, ShmWeightTransferEngine)
+for _name, _engine in ((SHM_BACKEND, ShmWeightTransferEngine), (GLOO_BACKEND, GlooWeightTransferEngine)):
+    if _name not in WeightTransferEngineFactory._registry:
+        WeightTransferEngineFactory.register_engine(_name, _engine)
 
 
 class RolloutWorkerExtension:
-    """Mixed into vLLM's worker class; importing this module registered the CPU backend above."""
-
-    def loaded_parameter_count(self) -> int:
-        """Elements in the worker's model (a cheap liveness check through ``collective_rpc``)."""
-        return sum(p.numel() for p in self.model_runner.model.parameters())  # type: ignore[attr-defined]
-
+    """Mixed into vLLM's worker class (``worker_extension_cls``). It adds no methods: naming it makes vLLM
+    import this module in every worker, which registers the backends above before the worker builds its
+    transfer engine."""

@@ -27,6 +27,7 @@ from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.preferences import PreferenceRecord
 from rlhf_ds.data.prompts import PromptRecord, encode_prompts, load_run_records
+from rlhf_ds.models.tokenizer import model_stop_token_ids
 from rlhf_ds.rollout.base import SamplingParams, build_experience
 
 Log = Callable[[str], None]
@@ -57,6 +58,7 @@ def sample_pairs(engine: Any, tokenizer: Any, records: Sequence[PromptRecord], c
     rollout = cfg.rollout
     sampling = SamplingParams(rollout.temperature, rollout.top_p, rollout.top_k, rollout.max_response_len)
     rng = np.random.default_rng(seed)
+    stop_ids = model_stop_token_ids(cfg.actor.model_path, tokenizer)
     pairs, num_samples, num_correct = [], 0, 0
     for start in range(0, len(records), _PROMPTS_PER_CALL):
         chunk = list(records[start:start + _PROMPTS_PER_CALL])
@@ -64,7 +66,7 @@ def sample_pairs(engine: Any, tokenizer: Any, records: Sequence[PromptRecord], c
         samples = engine.generate(prompts, rollout.n, sampling, seed + start)
         exp = build_experience(prompts, samples, tokenizer.pad_token_id, rollout.max_prompt_len,
                                rollout.max_response_len)
-        texts, finished = scoring.decode(tokenizer, exp)
+        texts, finished = scoring.decode(tokenizer, exp, stop_ids)
         scores, _ = scoring.score_rules(runner, chunk, exp, texts, finished)
         correct = scoring.is_correct(scores, cfg.reward.correct_score).tolist()
         pairs += label_samples(chunk, texts, finished, correct, rollout.n, pairs_per_prompt, rng)
@@ -107,7 +109,10 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     reward = cfg.reward if cfg.reward.functions else dataclasses.replace(cfg.reward, functions=("exact_match",),
                                                                         function_weights=())
     functions = list(reward.functions)
-    with runner_from_config(reward) as runner:
+    runner = runner_from_config(reward)
+    if runner is None:
+        raise ValueError(f"pairs: no reward function to label samples with (reward.functions={functions})")
+    with runner:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         summary: dict = {"policy": cfg.actor.model_path, "labelled_by": functions, "n": cfg.rollout.n,

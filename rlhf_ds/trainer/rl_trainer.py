@@ -25,8 +25,10 @@ from rlhf_ds.batch import Experience, padded_fraction
 from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.prompts import PromptLoader, PromptRecord, encode_prompts
+from rlhf_ds.models.tokenizer import model_stop_token_ids
 from rlhf_ds.rollout.base import SamplingParams, build_experience, generate, generate_async
 from rlhf_ds.trainer import checkpoint
+from rlhf_ds.trainer.colocation import MemoryHandoff
 from rlhf_ds.trainer.logging import RunLogger
 
 # Rollout seeds: a fixed function of (seed, step), so a resumed run draws what the uninterrupted one did.
@@ -59,7 +61,7 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
 def logprob_gap(exp: Experience) -> dict[str, float]:
     """How far the engine's sampling log-probs are from the actor's recomputed ones, on the same weights
     (kernels, precision, batch shapes): |old - rollout| over response tokens; what ``algo.tis`` corrects."""
-    gap = (exp.old_logprobs - exp.rollout_logprobs).abs() * exp.response_mask
+    gap = (exp.require("old_logprobs") - exp.require("rollout_logprobs")).abs() * exp.response_mask
     return {"rollout/logprob_diff_mean": _masked_mean(gap, exp.response_mask),
             "rollout/logprob_diff_max": gap.max().item() if gap.numel() else 0.0}
 
@@ -69,6 +71,7 @@ class RLTrainer:
                  eval_records: list[PromptRecord], reward_runner: Optional[Any] = None,
                  show_progress: bool = True):
         self.cfg, self.roles, self.tokenizer = cfg, roles, tokenizer
+        self.stop_ids = model_stop_token_ids(cfg.actor.model_path, tokenizer)   # what a finished response ends on
         self.loader = PromptLoader(train_records, cfg.data.prompts_per_step, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.eval_records = eval_records
         self.eval_prompts = encode_prompts(tokenizer, eval_records, cfg.rollout.max_prompt_len,
@@ -89,6 +92,7 @@ class RLTrainer:
         # set by the caller (SIGTERM / SIGINT handlers): stop at the next safe point, with a checkpoint
         self.stop_requested: Callable[[], bool] = lambda: False
         self.synced_step = 0              # the step whose weights the engines serve
+        self.memory = MemoryHandoff(cfg, roles)   # colocated sleep mode: who holds the GPU when
         self._ahead: Optional[Callable] = None   # asynchronous generation: the next step's batch, started
         self._loader_state_before_ahead: dict = {}
 
@@ -105,6 +109,8 @@ class RLTrainer:
             retired = checkpoint.retire_checkpoints(cfg.output_dir, keep=cfg.keep_checkpoints)
             if retired:
                 print(f"a fresh run: moved the earlier run's checkpoints to {retired}")
+        if resumed is None and self.memory.engines_start_asleep:
+            self.sync_weights()   # the engines hold no weights yet (a resumed run synced its restored ones)
         logger = RunLogger(cfg.output_dir, cfg.max_steps, self.step, self.cfg.summary_interval,
                            self.show_progress, main=self.is_main, config=self.cfg)
         if self.step == 0:   # the "before" point of the held-out curve (a resumed run already has it)
@@ -134,6 +140,7 @@ class RLTrainer:
         timer = StageTimer()
         with timer("rollout"):   # asynchronous generation: only the wait for the batch made during the last step
             exp, records = self.rollout_batch(step)
+            memory = self.memory.after_rollout()
         with timer("rewards"):
             exp, metrics = self.rewards(exp, records)
         with timer("logprobs"):
@@ -143,6 +150,7 @@ class RLTrainer:
         with timer("advantages"):
             exp, adv_metrics = self.advantages(exp)
         with timer("train"):
+            self.memory.before_train()
             train_metrics = self.update(exp)
         kl = adv_metrics.get("actor/kl")
         if kl is not None and math.isfinite(kl):   # the coefficient this step used, then the next one
@@ -151,8 +159,9 @@ class RLTrainer:
             adv_metrics["actor/kl_nonfinite"] = 1.0
         if not self.cfg.rollout.async_generation:   # (asynchronous: at the next batch, or before evaluating)
             with timer("sync"):
+                memory.update(self.memory.before_sync())
                 self.sync_weights()
-        metrics.update(adv_metrics, **train_metrics, **timer.metrics())
+        metrics.update(adv_metrics, **train_metrics, **memory, **timer.metrics())
         if "actor/rollout_gap_sum" in metrics:   # measured by the training forward (on-policy update)
             gap_sum, gap_tokens = metrics.pop("actor/rollout_gap_sum"), metrics.pop("actor/rollout_gap_tokens")
             metrics["rollout/logprob_diff_mean"] = gap_sum / max(gap_tokens, 1.0)
@@ -210,7 +219,7 @@ class RLTrainer:
         return done
 
     def rewards(self, exp: Experience, records: list[PromptRecord]) -> tuple[Experience, dict[str, float]]:
-        texts, finished = scoring.decode(self.tokenizer, exp)
+        texts, finished = scoring.decode(self.tokenizer, exp, self.stop_ids)
         pending = (self.roles.reward.dispatch_async("compute_scores", exp) if self.roles.reward is not None
                    else None)
         # float64: reward statistics must not round large or close rewards together (1e8 + 1 == 1e8 in fp32)
@@ -245,11 +254,11 @@ class RLTrainer:
         algo, metrics = self.cfg.algo, {}
         kl = None
         if exp.ref_logprobs is not None:
-            kl = kl_penalty(exp.old_logprobs, exp.ref_logprobs, algo.kl_estimator)
+            kl = kl_penalty(exp.require("old_logprobs"), exp.ref_logprobs, algo.kl_estimator)
             metrics["actor/kl"] = _masked_mean(kl, exp.response_mask)
             metrics["actor/kl_coef"] = self.kl.value
         in_reward = algo.kl_placement == "reward"
-        out = compute_advantages(algo.advantage_estimator, exp.rewards, exp.response_mask, exp.group_ids,
+        out = compute_advantages(algo.advantage_estimator, exp.require("rewards"), exp.response_mask, exp.group_ids,
                                  values=exp.values, kl=kl if in_reward else None,
                                  kl_coef=self.kl.value if in_reward else 0.0, gamma=algo.gamma, lam=algo.lam,
                                  whiten=algo.whiten_advantages)
@@ -302,7 +311,8 @@ class RLTrainer:
         out = scoring.evaluate(lambda *request: generate(self.roles.rollout, *request), self.tokenizer,
                                self.eval_records, self.eval_prompts, rollout.eval_temperature,
                                rollout.max_response_len, self.tokenizer.pad_token_id, rollout.max_prompt_len,
-                               runner=self.reward_runner, correct_score=self.cfg.reward.correct_score,
+                               stop_ids=self.stop_ids, runner=self.reward_runner,
+                               correct_score=self.cfg.reward.correct_score,
                                pass_k=self.cfg.trainer.eval_pass_k, pass_k_temperature=rollout.temperature)
         out["timing/eval_s"] = time.perf_counter() - t0
         return out

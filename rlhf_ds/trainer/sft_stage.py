@@ -24,6 +24,7 @@ from rlhf_ds.config import Config
 from rlhf_ds.data import scoring
 from rlhf_ds.data.preferences import encode_response
 from rlhf_ds.data.prompts import PromptRecord, encode_prompt, encode_prompts, load_run_records
+from rlhf_ds.models.tokenizer import model_stop_token_ids
 from rlhf_ds.rollout.base import generate
 from rlhf_ds.trainer.stage import Log, StageLoop, check_stage_resume, run_stage, stage_config
 
@@ -60,6 +61,7 @@ class SftStage(StageLoop):
         super().__init__(cfg, roles, "actor", train, steps=sft.steps, batch_size=sft.batch_size,
                          eval_interval=sft.eval_interval, save_interval=sft.save_interval, **loop_args)
         self.tokenizer, self.held_out, self.runner = tokenizer, held_out, runner
+        self.stop_ids = model_stop_token_ids(cfg.actor.model_path, tokenizer)
         self.eval_prompts = encode_prompts(tokenizer, held_out, cfg.rollout.max_prompt_len,
                                            chat_template=cfg.data.apply_chat_template)
         self.synced_step = 0   # the step whose weights the rollout engines serve
@@ -84,7 +86,8 @@ class SftStage(StageLoop):
         return scoring.evaluate(lambda *request: generate(self.roles.rollout, *request), self.tokenizer,
                                 self.held_out, self.eval_prompts, rollout.eval_temperature,
                                 rollout.max_response_len, self.tokenizer.pad_token_id, rollout.max_prompt_len,
-                                runner=self.runner, correct_score=self.cfg.reward.correct_score)
+                                stop_ids=self.stop_ids, runner=self.runner,
+                                correct_score=self.cfg.reward.correct_score)
 
     def target_reached(self, metrics: dict[str, float]) -> bool:
         return metrics[self.eval_key] >= self.cfg.trainer.sft.target_eval_accuracy

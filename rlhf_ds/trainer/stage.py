@@ -33,7 +33,7 @@ class StageLoop:
                  eval_interval: int, save_interval: int, checkpoints: bool = True, show_progress: bool = True,
                  log: Log = print):
         self.cfg, self.roles, self.role = cfg, roles, role
-        self.group = getattr(roles, role)
+        self.group = roles.groups[role]
         self.loader = PromptLoader(records, batch_size, seed=cfg.seed, shuffle=cfg.data.shuffle)
         self.steps, self.eval_interval, self.save_interval = steps, eval_interval, save_interval
         self.checkpoints, self.show_progress, self.log = checkpoints, show_progress, log

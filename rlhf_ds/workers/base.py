@@ -5,6 +5,8 @@ from typing import Any, Optional
 
 from rlhf_ds.engine.build import RoleEngine, build_engine
 from rlhf_ds.engine.checkpoint import apply_peak_lr, export_hf, load_checkpoint, save_checkpoint
+from rlhf_ds.engine.cuda import (cuda_peak_allocated_bytes, offload_training_states_cuda, release_cuda_cache,
+                                 reload_training_states_cuda)
 from rlhf_ds.engine.step import SkipCounter
 
 
@@ -21,13 +23,20 @@ class EngineWorker:
         self.role_engine = build_engine(self.cfg, self.role, total_steps=total_steps)
 
     @property
+    def built(self) -> RoleEngine:
+        """The role's engine and what built it; an error before ``init_model``."""
+        if self.role_engine is None:
+            raise RuntimeError(f"{self.role} worker: no engine yet (init_model first)")
+        return self.role_engine
+
+    @property
     def engine(self) -> Any:
         """The DeepSpeed engine (call it like the model)."""
-        return self.role_engine.engine
+        return self.built.engine
 
     @property
     def micro_batch_size(self) -> int:
-        return self.role_engine.micro_batch_size
+        return self.built.micro_batch_size
 
     def micro_batches(self, shard: Any) -> list:
         """This rank's training micro-batches of ``shard``: packed by length, padding cut
@@ -36,6 +45,10 @@ class EngineWorker:
 
         by_length = self.cfg.algo.loss_reduction != "token_mean_legacy"
         return [micro for _, micro in packed_micro_batches(shard, self.micro_batch_size, by_length)]
+
+    def release_memory(self) -> None:
+        """Colocated sleep-mode runs: give the GPU blocks torch keeps cached to the waking engines."""
+        release_cuda_cache()
 
 
 class TrainableWorker(EngineWorker):
@@ -49,16 +62,29 @@ class TrainableWorker(EngineWorker):
         """Collective. The skip counter travels with the engine state: a resumed run aborts after the
         same number of consecutive bad steps as an uninterrupted one."""
         skips = {"consecutive": self.skips.consecutive, "total": self.skips.total}
-        save_checkpoint(self.role_engine, directory, {**(client_state or {}), "skips": skips})
+        save_checkpoint(self.built, directory, {**(client_state or {}), "skips": skips})
 
     def load_checkpoint(self, directory: str) -> dict:
         """Collective: parameters, optimizer, schedule and skip counter; the learning rate is this
         config's (a changed ``<role>.lr`` takes effect)."""
-        client_state = load_checkpoint(self.role_engine, directory)
+        client_state = load_checkpoint(self.built, directory)
         skips = client_state.get("skips", {})
         self.skips.consecutive, self.skips.total = int(skips.get("consecutive", 0)), int(skips.get("total", 0))
-        apply_peak_lr(self.role_engine, getattr(self.cfg, self.role).lr)
+        apply_peak_lr(self.built, getattr(self.cfg, self.role).lr)
         return client_state
 
     def export_hf(self, directory: str) -> None:
-        export_hf(self.role_engine, directory)
+        export_hf(self.built, directory)
+
+    # Colocated sleep-mode runs (GPU): the training states wait in host memory while the engines generate.
+    def offload_states(self) -> dict[str, float]:
+        """After training: optimizer states, master weights and gradient buffers to host memory, cached
+        blocks returned. Returns this rank's peak GPU memory of the step, in GiB."""
+        peak = cuda_peak_allocated_bytes()
+        offload_training_states_cuda(self.engine)
+        release_cuda_cache()
+        return {f"memory/{self.role}_peak_gib": peak / 2 ** 30}
+
+    def reload_states(self) -> None:
+        """Before training: bring back what ``offload_states`` moved."""
+        reload_training_states_cuda(self.engine)

@@ -18,12 +18,12 @@ def teacher_forced_gap(model, prompts, samples, temperature):
             logp = torch.log_softmax(model(ids).logits[0].float() / temperature, -1)
         start = len(prompts[s.prompt_index]) - 1
         ref = [logp[start + t, tok].item() for t, tok in enumerate(s.response)]
-        worst = max([worst] + [abs(a - b) for a, b in zip(ref, s.logprobs)])
+        worst = max([worst] + [abs(a - b) for a, b in zip(ref, s.logprobs, strict=True)])
     return worst
 
 
 def main(model_spec: str) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from rlhf_ds.config import load_config
     from rlhf_ds.models.tiny import resolve_model_path
@@ -38,7 +38,7 @@ def main(model_spec: str) -> None:
     path = resolve_model_path(model_spec)
     tok = AutoTokenizer.from_pretrained(path)
     prompts = [tok(p)["input_ids"] for p in ("123*4=", "56*7=", "9*9=", "871*3=")]
-    engine = VLLMRolloutEngine(cfg)
+    engine = VLLMRolloutEngine(cfg, local_updates=True)   # buckets from this process (the launcher's path)
     hf = HFRolloutEngine(model_spec)
     out: dict = {}
     greedy = SamplingParams(temperature=0.0, max_new_tokens=12)

@@ -9,7 +9,7 @@ ray = pytest.importorskip("ray")
 
 from rlhf_ds.batch import Experience  # noqa: E402
 from rlhf_ds.cluster.placement import plan_placement  # noqa: E402
-from rlhf_ds.cluster.ray_group import RoleGroup, WorkerFailure, create_pools, remove_pools, start_ray  # noqa: E402
+from rlhf_ds.cluster.ray_group import RoleGroup, WorkerFailure, create_pools, remove_pools, worker_env  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -45,11 +45,19 @@ class RankWorker:
         self.dist.barrier()
 
 
+# A simulated GPU cluster: Ray schedules logical GPUs on a host without any, and gives each actor the
+# CUDA_VISIBLE_DEVICES of the GPUs it was granted, as it would on a real node.
+SIMULATED_GPUS = 4
+
+
 @pytest.fixture(scope="module")
 def pools():
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])   # workers cannot import tests/
     plan = plan_placement({"actor": 2, "critic": 2}, colocate=False)
-    started = start_ray("", plan.total_cpus(False, 0.25))
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=4, num_gpus=SIMULATED_GPUS, include_dashboard=False,
+                 runtime_env={"env_vars": worker_env()})
     made = create_pools(plan, use_gpu=False, cpus_per_worker=0.25)
     yield plan, made
     remove_pools(made)
@@ -109,3 +117,53 @@ def test_an_attached_role_lives_in_the_hosts_processes_and_failures_name_both(po
         assert actor.run_all("info") == [("actor", 0, 2), ("actor", 1, 2)]
     finally:
         actor.shutdown()
+
+
+class GpuProbe:
+    """Reports the GPUs Ray granted the rank's process."""
+
+    def __init__(self, tag: str):
+        self.tag = tag
+
+    def gpus(self):
+        return self.tag, sorted(str(g) for g in ray.get_gpu_ids()), os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _gpu_groups(plan, made, *roles):
+    return [RoleGroup(role, GpuProbe, plan, made, use_gpu=True, cpus_per_worker=0.25, worker_args=(role,))
+            for role in roles]
+
+
+def test_tensor_parallel_engines_hold_their_gpus_on_a_simulated_gpu_cluster(pools):
+    """Each engine's Ray actor is granted tensor_parallel_size GPUs of one bundle (vLLM's workers then see
+    exactly those); no GPU is granted twice."""
+    plan = plan_placement({"actor": 2, "rollout": 1}, colocate=False, rank_gpus={"rollout": 2})
+    assert plan.total_gpus() == SIMULATED_GPUS
+    made = create_pools(plan, use_gpu=True, cpus_per_worker=0.25)
+    groups = _gpu_groups(plan, made, "actor", "rollout")
+    try:
+        (actor, rollout) = [g.run_all("gpus") for g in groups]
+        assert [len(ids) for _, ids, _ in actor] == [1, 1]
+        (_, engine_gpus, visible), = rollout
+        assert len(engine_gpus) == 2 and sorted(visible.split(",")) == engine_gpus
+        granted = [g for _, ids, _ in actor + rollout for g in ids]
+        assert len(set(granted)) == SIMULATED_GPUS
+    finally:
+        for g in groups:
+            g.shutdown()
+        remove_pools(made)
+
+
+def test_colocated_ranks_share_the_gpu_of_their_bundle_on_a_simulated_gpu_cluster(pools):
+    """Rank i of the actor, the reference and the engines land on the same GPU; ranks differ by GPU."""
+    plan = plan_placement({"actor": 2, "reference": 2, "rollout": 2}, colocate=True)
+    made = create_pools(plan, use_gpu=True, cpus_per_worker=0.25)
+    groups = _gpu_groups(plan, made, "actor", "reference", "rollout")
+    try:
+        by_role = [g.run_all("gpus") for g in groups]
+        per_rank = [{ids[0] for _, ids, _ in (role[rank] for role in by_role)} for rank in range(2)]
+        assert all(len(gpus) == 1 for gpus in per_rank) and per_rank[0] != per_rank[1]
+    finally:
+        for g in groups:
+            g.shutdown()
+        remove_pools(made)

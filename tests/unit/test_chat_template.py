@@ -86,7 +86,7 @@ def test_encode_prompts_with_and_without_the_chat_template(tok):
     plain = encode_prompts(tok, records, 64)
     chat = encode_prompts(tok, records, 64, chat_template=True)
     start, end, newline = tok.convert_tokens_to_ids(IM_START), tok.convert_tokens_to_ids(IM_END), tok("\n")["input_ids"]
-    for record, plain_ids, chat_ids in zip(records, plain, chat):
+    for record, plain_ids, chat_ids in zip(records, plain, chat, strict=True):
         assert plain_ids == tok(record.prompt)["input_ids"]
         assert chat_ids == ([start] + tok("user")["input_ids"] + newline + plain_ids + [end] + newline
                             + [start] + tok("assistant")["input_ids"] + newline)
@@ -100,7 +100,7 @@ def test_sft_examples_and_preference_pairs_use_the_template_and_end_on_eos(tok):
     records = _records(3)
     prompts, completions = encode_examples(tok, records, chat_template=True)
     assert prompts == encode_prompts(tok, records, 64, chat_template=True)
-    for record, completion in zip(records, completions):
+    for record, completion in zip(records, completions, strict=True):
         assert completion[-1] == tok.eos_token_id and tok.eos_token_id not in completion[:-1]
         assert tok.decode(completion) == record.answer + IM_END
     assert encode_examples(tok, records)[0] == encode_prompts(tok, records, 64)   # off: plain prompts
@@ -180,7 +180,8 @@ def test_scripted_worked_solutions_score_by_final_number_on_evaluation(tok):
         for name, response_text in cases.items():
             metrics = scoring.evaluate(_scripted(tok, records, prompts, response_text), tok, records, prompts,
                                        0.0, cfg.rollout.max_response_len, tok.pad_token_id, cfg.rollout.max_prompt_len,
-                                       runner=runner, correct_score=cfg.reward.correct_score)
+                                       stop_ids=(tok.eos_token_id,), runner=runner,
+                                       correct_score=cfg.reward.correct_score)
             assert (metrics["eval/accuracy"], metrics["eval/finished"]) == expected[name], name
     finally:
         runner.close()
@@ -197,7 +198,7 @@ def test_decoded_responses_are_the_solution_text_whatever_their_padding(tok):
                for i, r in enumerate(records)]
     exp = build_experience(prompts, samples, tok.pad_token_id, 64, 32)
     assert bool((exp.response_ids == tok.eos_token_id).logical_and(exp.response_mask == 0).any())   # pad == eos
-    texts, finished = scoring.decode(tok, exp)
+    texts, finished = scoring.decode(tok, exp, (tok.eos_token_id,))
     assert texts == [r.answer for r in records] and finished == [True, False, True, False]
     assert torch.equal(exp.response_mask.sum(1), torch.tensor([len(s.response) for s in samples]))
 

@@ -29,8 +29,9 @@ def prompts():
 
 
 def test_trim_at_eos_keeps_the_eos_and_drops_the_rest():
-    assert trim_at_eos([5, 6, 2, 0, 0], eos_id=2) == [5, 6, 2]
-    assert trim_at_eos([5, 6, 7], eos_id=2) == [5, 6, 7]
+    assert trim_at_eos([5, 6, 2, 0, 0], stop_ids=(2,)) == [5, 6, 2]
+    assert trim_at_eos([5, 6, 7], stop_ids=(2,)) == [5, 6, 7]
+    assert trim_at_eos([5, 9, 6, 2], stop_ids=(2, 9)) == [5, 9]   # the first of any stop id
 
 
 def test_response_logprobs_by_hand():
@@ -109,7 +110,7 @@ def test_ignore_eos_generates_past_eos_with_untouched_logprobs(engine, prompts):
     assert all(len(s.response) == length == len(s.logprobs) for s in samples)
     # some response must go on past an eos (llama-micro emits eos often), with sampled tokens: generate
     # fills a stopped row with pad, whose log-probs would still match the forward below
-    eos = engine.eos_id
+    eos = engine.stop_ids[0]
     tails = [s.response[s.response.index(eos) + 1:] for s in samples if eos in s.response[:-1]]
     assert any(token != engine.pad_id for tail in tails for token in tail)
     exp = build_experience(prompts, samples, engine.pad_id, max_prompt_len=16, max_response_len=length)

@@ -83,7 +83,8 @@ class FakeEngine:
 
 def run_eval(engine, **kwargs):
     prompts = [TOKENIZER(r.prompt)["input_ids"] for r in RECORDS]
-    return evaluate(engine.generate, TOKENIZER, RECORDS, prompts, 0.0, 16, TOKENIZER.pad_token_id, 8, **kwargs)
+    return evaluate(engine.generate, TOKENIZER, RECORDS, prompts, 0.0, 16, TOKENIZER.pad_token_id, 8,
+                    stop_ids=(TOKENIZER.eos_token_id,), **kwargs)
 
 
 def final_number_runner(prompts, responses, answers, finished):

@@ -52,7 +52,7 @@ def both(model, n: int, sampling: SamplingParams, seed: int = 3, prompts=PROMPTS
 
 def assert_same(ours, theirs):
     assert [(s.prompt_index, s.response) for s in ours] == [(s.prompt_index, s.response) for s in theirs]
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=True):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
 
 
@@ -80,6 +80,18 @@ def test_rows_stop_at_eos_and_the_loop_ends_when_all_have_stopped():
     assert_same(ours, theirs)
     lengths = {len(s.response) for s in ours}
     assert all(s.response[-1] == EOS for s in ours) and len(lengths) > 1 and max(lengths) < 40
+
+
+def test_rows_stop_at_every_eos_id_of_the_generation_config():
+    """Instruct models list several eos ids in their generation config (Qwen: <|endoftext|>, <|im_end|>); vLLM
+    stops on each, and so do both HF decoders (the tokenizer's eos alone would run past <|im_end|>)."""
+    model = llama(vocab=4)
+    model.generation_config.eos_token_id = [EOS, 3]
+    sampling = SamplingParams(temperature=1.0, max_new_tokens=40)
+    ours, theirs = both(model, 4, sampling, prompts=[[1, 3], [1, 3, 3, 1, 3]])
+    assert_same(ours, theirs)
+    assert {s.response[-1] for s in ours} == {EOS, 3}
+    assert all(EOS not in s.response[:-1] and 3 not in s.response[:-1] for s in ours)
 
 
 def test_the_decoder_follows_weights_changed_in_place():

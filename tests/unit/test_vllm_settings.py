@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from rlhf_ds.config import ConfigError, config_from_dict, load_config
-from rlhf_ds.rollout.vllm_settings import (LOGPROBS_MODE, SHM_BACKEND, compilation_config, engine_kwargs,
-                                           process_env, transfer_backend)
+from rlhf_ds.rollout.vllm_settings import (GLOO_BACKEND, LOGPROBS_MODE, SHM_BACKEND, compilation_config,
+                                           engine_kwargs, process_env, transfer_backend)
 from rlhf_ds.rollout.weights import (ParamSpec, UpdateSession, WeightMismatch, check_manifest, expected_manifest,
                                      manifest_of)
 
@@ -36,13 +36,16 @@ def test_gpu_defaults_use_cuda_graphs_and_the_memory_fraction():
 
 def test_every_vllm_key_reaches_the_engine():
     cfg = _cfg("rollout.vllm.cudagraph_mode=FULL_AND_PIECEWISE", "rollout.vllm.cudagraph_capture_sizes=[8,1,4,8]",
-               "rollout.vllm.tensor_parallel_size=4", "rollout.vllm.enable_sleep_mode=true",
+               "rollout.vllm.enable_sleep_mode=true", "cluster.colocate=true",
                "rollout.vllm.enable_prefix_caching=false", "rollout.vllm.gpu_memory_utilization=0.3")
     kw = _kwargs(cfg, colocated=True)
     assert kw["compilation_config"] == {"cudagraph_mode": "FULL_AND_PIECEWISE", "cudagraph_capture_sizes": [1, 4, 8]}
-    assert kw["tensor_parallel_size"] == 4 and kw["enable_sleep_mode"] is True
+    assert kw["enable_sleep_mode"] is True
     assert kw["enable_prefix_caching"] is False and kw["gpu_memory_utilization"] == 0.3
     assert kw["weight_transfer_config"] == {"backend": "ipc"}   # colocated GPUs: CUDA IPC handles
+    kw = _kwargs(_cfg("rollout.vllm.tensor_parallel_size=4"))
+    assert kw["tensor_parallel_size"] == 4
+    assert kw["distributed_executor_backend"] == "mp"   # the engine's actor holds its 4 GPUs itself
 
 
 def test_eager_drops_the_compilation_config_and_kv_bytes_override_the_fraction():
@@ -57,12 +60,15 @@ def test_cpu_needs_kv_cache_bytes_and_refuses_sleep_mode():
     with pytest.raises(ValueError, match="kv_cache_memory_bytes must be set on a CPU host"):
         _kwargs(_cfg(), on_gpu=False)
     with pytest.raises(ValueError, match="enable_sleep_mode=true needs a GPU"):
-        _kwargs(_cfg("rollout.vllm.kv_cache_memory_bytes=1024", "rollout.vllm.enable_sleep_mode=true"), on_gpu=False)
+        _kwargs(_cfg("rollout.vllm.kv_cache_memory_bytes=1024", "rollout.vllm.enable_sleep_mode=true",
+                     "cluster.colocate=true"), on_gpu=False)
     kw = _kwargs(_cfg("rollout.vllm.kv_cache_memory_bytes=1024"), on_gpu=False)
-    assert kw["weight_transfer_config"] == {"backend": SHM_BACKEND}
+    assert kw["weight_transfer_config"] == {"backend": GLOO_BACKEND}   # vLLM's NCCL protocol over gloo
 
 
 def test_launcher_ranks_use_the_external_launcher_and_files():
+    local = _kwargs(_cfg("rollout.vllm.kv_cache_memory_bytes=1024"), on_gpu=False, local_updates=True)
+    assert local["weight_transfer_config"] == {"backend": SHM_BACKEND}   # a script driving an engine itself
     kw = _kwargs(_cfg(), spmd=True)
     assert kw["distributed_executor_backend"] == "external_launcher"
     assert kw["weight_transfer_config"] == {"backend": SHM_BACKEND}
@@ -71,18 +77,25 @@ def test_launcher_ranks_use_the_external_launcher_and_files():
 def test_transfer_backend_by_placement():
     assert transfer_backend(on_gpu=True, colocated=False) == "nccl"
     assert transfer_backend(on_gpu=True, colocated=True) == "ipc"
-    assert transfer_backend(on_gpu=False, colocated=True) == SHM_BACKEND
+    assert transfer_backend(on_gpu=False, colocated=True) == GLOO_BACKEND
+    assert transfer_backend(on_gpu=True, colocated=False, local=True) == SHM_BACKEND
 
 
 def test_compilation_config_auto_is_empty():
     assert compilation_config(_cfg().rollout.vllm) == {}
 
 
-def test_process_env_points_caches_into_one_directory():
+def test_process_env_points_caches_into_one_directory(monkeypatch):
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     env = process_env("/c", in_process=True, threads=2)
     assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" and env["OMP_NUM_THREADS"] == "2"
     assert all(env[k].startswith("/c/") for k in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH"))
     assert process_env("/c", in_process=False, threads=1)["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    # a first GPU run must see vLLM's memory and kernel-fallback warnings; CPU hosts only its errors
+    assert process_env("/c", in_process=True, threads=1, on_gpu=True)["VLLM_LOGGING_LEVEL"] == "WARNING"
+    assert env["VLLM_LOGGING_LEVEL"] == "ERROR"
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "DEBUG")
+    assert process_env("/c", in_process=True, threads=1, on_gpu=True)["VLLM_LOGGING_LEVEL"] == "DEBUG"
 
 
 def test_config_refuses_truncated_sampling_with_vllm():
@@ -180,8 +193,11 @@ def test_trainer_init_info_per_backend():
     assert (info.backend, info.is_sender, info.world_size, info.packed, info.packed_buffer_size_bytes) == \
         ("nccl", True, 5, True, 1 << 20)
     assert vllm_transfer.trainer_init_info("ipc", 1).is_sender is False
-    with pytest.raises(ValueError, match="valid: nccl, ipc"):
-        vllm_transfer.trainer_init_info("gloo", 0)
+    gloo = vllm_transfer.trainer_init_info(GLOO_BACKEND, 0, master_address="127.0.0.1", master_port=1, world_size=3,
+                                           bucket_bytes=4096)
+    assert (gloo.backend, gloo.packed, gloo.packed_buffer_size_bytes) == (GLOO_BACKEND, True, 4096)
+    with pytest.raises(ValueError, match="valid: nccl, ipc, rlhf_ds_gloo"):
+        vllm_transfer.trainer_init_info("mpi", 0)
 
 
 def test_nccl_ranks_of_several_engines():
