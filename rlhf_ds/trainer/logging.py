@@ -6,7 +6,7 @@
 - ``OUTPUT_DIR/metrics.jsonl``: one JSON object per step, ``step`` plus every reduced metric;
 - TensorBoard events in ``OUTPUT_DIR/tensorboard`` and a W&B run, as ``trainer.loggers`` says (the JSONL file
   is always written: the summary, the curves and resume read it);
-- at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses) and ``OUTPUT_DIR/summary.json``
+- at the end, ``OUTPUT_DIR/curves.png`` (reward, held-out accuracy, losses, KL, ...) and ``OUTPUT_DIR/summary.json``
   with the first and last held-out evaluation.
 
 A resumed run keeps the lines of steps up to the checkpoint and drops later ones (they were computed by
@@ -37,9 +37,14 @@ WANDB_ID_FILE = "wandb_run_id"
 _SUMMARY = (("reward/mean", "reward"), (EVAL_KEY, "eval"), ("actor/policy_loss", "pg_loss"),
             ("actor/kl_loss", "kl"), ("critic/value_loss", "v_loss"), ("actor/grad_norm", "gnorm"),
             ("response/length", "len"), ("timing/step_s", "s"))
+# The curves of curves.png, in panel order: (metric, y-axis label); a panel only for a metric with a finite value.
 _PLOTS = (("reward/mean", "reward (train samples)"), (EVAL_KEY, "held-out accuracy (greedy)"),
-          ("actor/policy_loss", "actor policy loss"), ("critic/value_loss", "critic value loss"),
-          ("actor/kl_loss", "KL loss"), ("actor/entropy", "entropy"))
+          ("eval/pairwise_accuracy", "held-out pairwise accuracy"), ("actor/policy_loss", "policy loss"),
+          ("critic/value_loss", "value loss"), ("actor/kl_loss", "KL loss"), ("actor/kl", "KL to the reference"),
+          ("actor/entropy", "entropy"), ("actor/grad_norm", "gradient norm (before clipping)"),
+          ("response/length", "tokens"), ("sft/loss", "SFT loss"), ("rm/loss", "reward-model loss"))
+# Per-step curves are smoothed by a centred mean over about this share of their points.
+SMOOTH_SHARE = 0.03
 
 
 def read_metrics(path: str, up_to_step: Optional[int] = None) -> list[dict]:
@@ -96,6 +101,7 @@ class RunLogger:
         with open(self.path, "w", encoding="utf-8") as f:   # rewrite: drop steps after the checkpoint
             f.writelines(json.dumps(row) + "\n" for row in self.history)
         if "tensorboard" in loggers:
+            # torch: loaded when first needed
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
@@ -151,7 +157,7 @@ def start_wandb(config: Config, output_dir: str, resume: bool) -> Any:
     gets a new id, saved in OUTPUT_DIR/wandb_run_id; a resumed run continues the run of the saved id
     (``resume="allow"``: it is created if W&B does not know it, as offline)."""
     try:
-        import wandb
+        import wandb  # wandb: only with the wandb logger
     except ImportError as err:
         raise RuntimeError(f"trainer.loggers includes 'wandb' but the wandb package cannot be imported "
                            f"({err}): install it (pip install wandb) or drop it from trainer.loggers") from None
@@ -172,27 +178,139 @@ def start_wandb(config: Config, output_dir: str, resume: bool) -> Any:
                       dir=None if os.environ.get("WANDB_DIR") else output_dir)
 
 
-def plot_curves(history: list[dict], path: str) -> None:
-    """One panel per available curve of ``_PLOTS`` (matplotlib Agg: no display needed)."""
-    import matplotlib
+def smoothing_window(n: int) -> int:
+    """The odd width of the centred mean for a curve of ``n`` points: about ``SMOOTH_SHARE`` of them,
+    1 (no smoothing) for short runs."""
+    return 2 * round(SMOOTH_SHARE * n / 2) + 1
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Centred mean over ``window`` points (odd), of the finite values only: a centred window does not
+    delay the curve the way a trailing mean or a plain EMA does. Near the ends the window is cut short;
+    a point whose window holds no finite value stays NaN (a gap, not a made-up value)."""
+    half = window // 2
+    sums, counts = [0.0], [0]   # prefix sums over the finite values: O(n) for any window
+    for v in values:
+        finite = math.isfinite(v)
+        sums.append(sums[-1] + (v if finite else 0.0))
+        counts.append(counts[-1] + finite)
+    out = []
+    for i in range(len(values)):
+        lo, hi = max(0, i - half), min(len(values), i + half + 1)
+        count = counts[hi] - counts[lo]
+        out.append((sums[hi] - sums[lo]) / count if count else math.nan)
+    return out
+
+
+def _series(history: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of ``key``; a value that is not a finite number becomes NaN (matplotlib leaves
+    a gap there)."""
+    steps, values = [], []
+    for row in history:
+        if key in row:
+            try:
+                value = float(row[key])
+            except (TypeError, ValueError):
+                value = math.nan
+            steps.append(row["step"])
+            values.append(value if math.isfinite(value) else math.nan)
+    return steps, values
+
+
+def _grid(n: int) -> tuple[int, int]:
+    """Rows and columns for ``n`` panels: at most 3 columns, 2 x 2 rather than 3 + 1."""
+    cols = 2 if n == 4 else min(3, n)
+    return -(-n // cols), cols
+
+
+def _plot_per_step(ax: Any, steps: list[int], values: list[float]) -> int:
+    """Every step faint, the centred mean on top: the trend reads through the noise. Returns the window
+    (1: too few points to smooth, drawn as they are)."""
+    window = smoothing_window(len(values))
+    if window == 1:
+        ax.plot(steps, values, marker="o", markersize=3, color="C0")
+        return window
+    ax.plot(steps, values, color="C0", alpha=0.25, linewidth=0.8)
+    ax.plot(steps, smooth(values, window), color="C0", linewidth=2)
+    return window
+
+
+def _plot_evaluations(ax: Any, steps: list[int], values: list[float]) -> None:
+    """Evaluations are few: each one a marker, none smoothed, the first and the last written next to
+    their points (the gain of the run at a glance)."""
+    ax.plot(steps, values, marker="o", markersize=4, color="C1")
+    finite = [(s, v) for s, v in zip(steps, values, strict=True) if math.isfinite(v)]
+    ax.margins(x=0.08, y=0.3)   # room for the labels inside the panel
+    middle = (min(v for _, v in finite) + max(v for _, v in finite)) / 2
+    # each label on the side away from the bulk of the curve (above a high point, below a low one), the
+    # first right of its point and the last left of it: the labels stay inside the panel, off the line
+    for k, point in enumerate(dict.fromkeys([finite[0], finite[-1]])):
+        _label(ax, point, right=k == 0, above=point[1] >= middle)
+
+
+def _label(ax: Any, point: tuple[int, float], right: bool, above: bool) -> None:
+    step, value = point
+    ax.annotate(f"{value:.2f} @ step {step}", point, xytext=(6 if right else -6, 8 if above else -8),
+                textcoords="offset points", ha="left" if right else "right", va="bottom" if above else "top",
+                fontsize="small", bbox={"boxstyle": "round,pad=0.2", "facecolor": "white", "edgecolor": "none",
+                                        "alpha": 0.8})
+
+
+def _legend(fig: Any, windows: set[int]) -> float:
+    """One legend for the per-step panels, above them (in a panel it would cover the curve); returns the
+    share of the figure's height it takes."""
+    from matplotlib.lines import Line2D  # matplotlib: only to draw the curves
+
+    smoothed = ("centred mean over " + (f"{windows.pop()} steps" if len(windows) == 1
+                                        else f"{SMOOTH_SHARE:.0%} of the steps"))
+    legend_items = [Line2D([], [], color="C0", alpha=0.25, linewidth=0.8), Line2D([], [], color="C0", linewidth=2)]
+    fig.legend(legend_items, ["every step", smoothed], loc="upper center", ncol=2, frameon=False)
+    return 0.4 / fig.get_figheight()
+
+
+def curves_figure(history: list[dict]) -> Any:
+    """The figure of ``plot_curves`` (None: nothing to plot): one panel per metric of ``_PLOTS`` with at
+    least one finite value, and no spare axes."""
+    import matplotlib  # matplotlib: only to draw the curves
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: only to draw the curves
+    from matplotlib.ticker import MaxNLocator  # matplotlib: only to draw the curves
 
-    panels = [(key, title) for key, title in _PLOTS if any(key in r for r in history)]
-    if not panels:
-        return
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-    for ax, (key, title) in zip(axes.flat, panels, strict=False):   # the grid may have spare axes
-        points = [(r["step"], r[key]) for r in history if key in r]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o" if key == EVAL_KEY else None)
-        ax.set_title(title)
+    series = [(key, label, *_series(history, key)) for key, label in _PLOTS]
+    series = [s for s in series if any(math.isfinite(v) for v in s[3])]
+    if not series:
+        return None
+    rows, cols = _grid(len(series))
+    fig = plt.figure(figsize=(4.8 * cols, 3.4 * rows))
+    windows = set()
+    for i, (key, label, steps, values) in enumerate(series):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        if key.startswith("eval/"):
+            _plot_evaluations(ax, steps, values)
+        else:
+            windows.add(_plot_per_step(ax, steps, values))
+        missing = sum(not math.isfinite(v) for v in values)
+        if missing:   # a gap in the curve should not pass for a quiet stretch
+            ax.text(0.99, 0.01, f"{missing} non-finite not drawn", transform=ax.transAxes, ha="right",
+                    va="bottom", fontsize="small", color="C3")
+        ax.set_title(key)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # steps are whole, even for a 1-step run
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    windows.discard(1)
+    top = 1 - _legend(fig, windows) if windows else 1
+    fig.tight_layout(rect=(0, 0, 1, top))
+    return fig
+
+
+def plot_curves(history: list[dict], path: str) -> None:
+    """``OUTPUT_DIR/curves.png`` from the per-step rows (matplotlib Agg: no display needed)."""
+    fig = curves_figure(history)
+    if fig is None:
+        return
+    import matplotlib.pyplot as plt  # matplotlib: only to draw the curves
+
+    fig.savefig(path, dpi=100)
     plt.close(fig)
