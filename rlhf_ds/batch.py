@@ -165,7 +165,7 @@ def packed_micro_batches(exp: Experience, micro_batch_size: int, by_length: bool
     """Micro-batches of rows of similar length, each cut to its own longest prompt and response
     (``Experience.trimmed``), with the indices of their rows in ``exp``: padding is not computed.
 
-    Which rows share a micro-batch does not change a loss of per-token weights (DESIGN.md: the sum over
+    Which rows share a micro-batch does not change a loss of per-token weights (docs/design.md#the-loss-and-gradient-contract: the sum over
     micro-batches is the mini-batch objective), so rows are grouped by length, longest first.
     ``by_length=False`` keeps consecutive rows together: ``token_mean_legacy`` weighs each micro-batch by
     its own token count, computed for consecutive rows."""

@@ -17,6 +17,7 @@ import time
 from typing import Callable, Optional
 
 from rlhf_ds.config import Config, load_config
+from rlhf_ds.data.prompts import load_run_records
 
 BENCH_MODELS = {"tiny": "tiny:llama-arith", "small": "tiny:llama-small"}
 BENCH_PROMPTS, BENCH_SAMPLES, BENCH_NEW_TOKENS = 8, 4, 32
@@ -24,7 +25,7 @@ BENCH_PROMPTS, BENCH_SAMPLES, BENCH_NEW_TOKENS = 8, 4, 32
 
 def measure_matmul_peak(seconds: float = 1.0, size: int = 1024) -> float:
     """FLOP/s of fp32 square matmuls on every core of this host (the denominator of the bench's MFU)."""
-    import torch
+    import torch  # torch: loaded when first needed
 
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
@@ -80,7 +81,9 @@ def compare_with_floor(model: str, backend: str, rounds: int, steps: int, output
                        overrides: tuple[str, ...] = (), log: Callable[[str], None] = print,
                        peak: float = 0.0) -> dict:
     """Alternate floor and ours ``rounds`` times, ``steps`` steps each (after one warm-up step of each)."""
-    from rlhf_ds.bench_floor import FloorLoop
+    from rlhf_ds.bench_floor import FloorLoop  # torch: loaded when first needed
+
+    # transformers: loaded when first needed
     from rlhf_ds.trainer.run import build_trainer
 
     cfg = bench_config(model, backend, output_dir, overrides)
@@ -137,8 +140,6 @@ def _summary(model: str, backend: str, ours_by_round: list[list[dict]], floor_by
 
 
 def _train_records(cfg: Config):
-    from rlhf_ds.data.prompts import load_run_records
-
     return load_run_records(cfg.data)[0][:4096]
 
 
@@ -163,6 +164,7 @@ def format_table(results: list[dict]) -> str:
 def run_bench(cfg: Config, steps: int, log: Callable[[str], None] = print, name: str = "grpo_tiny") -> dict:
     """A fixed GRPO workload: ``steps`` RL steps without evaluation or checkpoints; the first step is a
     warm-up and is left out of the medians."""
+    # transformers: loaded when first needed
     from rlhf_ds.trainer.run import build_trainer
 
     trainer, runner = build_trainer(cfg, show_progress=False)

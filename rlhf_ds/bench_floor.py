@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf_ds.rewards.functions import exact_match
+
 
 @dataclass
 class FloorStep:
@@ -26,9 +28,13 @@ class FloorLoop:
     """One model, its tokenizer and an AdamW optimiser in this process."""
 
     def __init__(self, model_path: str, lr: float, threads: int = 0):
+        # transformers: loaded when first needed
         from transformers import AutoModelForCausalLM
 
+        # transformers: loaded when first needed
         from rlhf_ds.models.tiny import resolve_model_path
+
+        # transformers: loaded when first needed
         from rlhf_ds.models.tokenizer import load_tokenizer
 
         path = resolve_model_path(model_path)
@@ -38,8 +44,6 @@ class FloorLoop:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr)
 
     def step(self, prompts: list[str], answers: list[str], n: int, new_tokens: int, seed: int) -> FloorStep:
-        from rlhf_ds.data.rewards import exact_match
-
         previous = torch.get_num_threads()
         torch.set_num_threads(self.threads)
         try:

@@ -66,6 +66,10 @@ KlPlacement = Literal["none", "loss", "reward"]
 KL_PLACEMENTS: tuple[str, ...] = get_args(KlPlacement)
 
 # What a NaN / inf reward-model score does: stop the run, or score the sample reward.failure_value.
+# The built-in rule reward functions (rlhf_ds/rewards/functions.py registers one for each); each pays 0 or 1.
+BuiltinReward = Literal["exact_match", "format", "final_number", "code_tests"]
+BUILTIN_REWARDS: tuple[BuiltinReward, ...] = get_args(BuiltinReward)
+
 NonfiniteScorePolicy = Literal["fail", "failure_value"]
 NONFINITE_SCORE_POLICIES: tuple[str, ...] = get_args(NonfiniteScorePolicy)
 

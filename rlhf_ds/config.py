@@ -170,7 +170,7 @@ class AlgoConfig:
     """Advantages, losses and their reduction."""
     advantage_estimator: AdvantageEstimator = option("grpo", "how rewards become advantages")
     loss_reduction: LossReduction = option("token_mean", "how per-token losses of a mini-batch are "
-                                                         "averaged (DESIGN.md table)")
+                                                         "averaged (docs/design.md#loss-reduction-by-pre-scaled-advantages)")
     policy_loss: PolicyLoss = option("ppo", "policy objective: PPO clipped surrogate or GSPO")
     clip_low: float = option(0.2, "ratio clipped below at 1 - clip_low", ge=0, lt=1)
     clip_high: float = option(0.2, "ratio clipped above at 1 + clip_high (clip-higher)", ge=0, lt=1)

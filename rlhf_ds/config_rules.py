@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rlhf_ds.choices import (GROUP_ESTIMATORS, POLICY_LOSS_HOMOGENEOUS, PRESCALED_REDUCTIONS, REQUIRED_LOGGER,
-                             RUN_LOGGERS, TOKEN_REWARD_ESTIMATORS, TRAINABLE_ROLES, Stage)
+from rlhf_ds.choices import (
+    BUILTIN_REWARDS,
+    GROUP_ESTIMATORS,
+    POLICY_LOSS_HOMOGENEOUS,
+    PRESCALED_REDUCTIONS,
+    REQUIRED_LOGGER,
+    RUN_LOGGERS,
+    TOKEN_REWARD_ESTIMATORS,
+    TRAINABLE_ROLES,
+    Stage,
+)
 from rlhf_ds.config_loader import ConfigError
 
 if TYPE_CHECKING:
@@ -104,10 +113,8 @@ def _reward_rules(cfg: Config):
 def _correct_score_rules(reward):
     """Held-out accuracy counts rewards >= reward.correct_score: refuse a threshold the built-in
     functions (each pays 0 or 1) can never reach, which would report 0 accuracy however the run goes."""
-    from rlhf_ds.data.rewards import REWARD_FUNCTIONS   # standard library only
-
     functions = reward.functions or ("exact_match",)   # evaluation's stand-in without functions
-    if not all(f in REWARD_FUNCTIONS for f in functions):
+    if not all(f in BUILTIN_REWARDS for f in functions):
         return   # a user function's range is unknown
     weights = reward.function_weights if reward.functions and reward.function_weights else (1.0,) * len(functions)
     best = sum(max(w, 0.0) for w in weights)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A Ray cluster for rlhf_ds: start the head, join workers, run or submit a training run.
-# See README.md, "Multi-node", for what every node needs (same venv path, network, shared files).
+# See README.md#multi-node for what every node needs (same venv path, network, shared files).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

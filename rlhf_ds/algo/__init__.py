@@ -1,6 +1,6 @@
 """The RL math of rlhf_ds: pure functions over tensors (no ray, deepspeed, vllm or config imports).
 
-See DESIGN.md, "The loss and gradient contract": advantages are computed per rollout batch
+See docs/design.md#the-loss-and-gradient-contract: advantages are computed per rollout batch
 (``compute_advantages``), weighted per token once per mini-batch for the loss reduction mode
 (``token_weights``, ``weighted_advantages``; ``scale_advantages`` does both), and every per-token loss
 is then reduced by a masked / weighted sum.

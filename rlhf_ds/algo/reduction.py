@@ -1,4 +1,4 @@
-"""Loss reduction by advantage pre-scaling (DESIGN.md, "The loss and gradient contract").
+"""Loss reduction by advantage pre-scaling (docs/design.md#the-loss-and-gradient-contract).
 
 The whole mini-batch (all data-parallel ranks) is scaled once, before it is sharded. Every token gets
 a weight ``w[i, t] = mask[i, t] / divisor``; the policy loss is then computed with the scaled

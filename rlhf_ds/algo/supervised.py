@@ -1,6 +1,6 @@
 """The losses of the two supervised stages: SFT cross-entropy and the pairwise reward-model loss.
 
-Both follow the loss contract of DESIGN.md: the weights are computed once on the whole mini-batch,
+Both follow the loss contract (docs/design.md#the-loss-and-gradient-contract): the weights are computed once on the whole mini-batch,
 before it is sharded, and each piece's loss is a plain weighted *sum*, so the pieces of any dp x
 micro-batch layout add up to the mini-batch objective.
 

@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ds.cli.args import Command
+from rlhf_ds.config import load_config
+from rlhf_ds.plan.shapes import KNOWN_SHAPES, model_shape
 
 LOGPROB_GAP_TOLERANCE = 0.05   # nats, mean |engine - actor| over a step's response tokens (bf16, see above)
 QWEN_SHAPE = "qwen2.5-0.5b"
@@ -139,10 +141,10 @@ def verdict(results: dict[str, dict], gpus: int, device: str, versions: dict[str
 
 def build_random_model(shape: str, directory: str) -> str:
     """A model of a known architecture's shape with random bf16 weights, saved once to ``directory``."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # torch: loaded when first needed
 
-    from rlhf_ds.plan.shapes import KNOWN_SHAPES
+    # transformers: loaded when first needed
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     marker = Path(directory) / ".complete"
     if marker.exists():
@@ -157,7 +159,7 @@ def build_random_model(shape: str, directory: str) -> str:
 
 
 def _run_grpo(check: Check) -> dict[str, Any]:
-    from rlhf_ds.config import load_config
+    # transformers: loaded when first needed
     from rlhf_ds.trainer.run import run_training
 
     cfg = load_config("grpo_tiny", list(check.overrides))
@@ -169,14 +171,13 @@ def _run_grpo(check: Check) -> dict[str, Any]:
 
 
 def _param_bytes(model_path: str) -> int:
-    from rlhf_ds.plan.shapes import model_shape
-
     return model_shape(model_path).num_params * 2   # bf16
 
 
 def _run_decode(check: Check) -> dict[str, Any]:
-    from rlhf_ds.config import load_config
-    from rlhf_ds.rollout.base import SamplingParams
+    from rlhf_ds.rollout.base import SamplingParams  # torch: loaded when first needed
+
+    # transformers: loaded when first needed
     from rlhf_ds.rollout.vllm_engine import VLLMRolloutEngine
 
     rates = {}
@@ -231,7 +232,7 @@ def _in_subprocess(check: Check, gpus: int, steps: int, workdir: str) -> dict[st
 
 
 def _environment() -> tuple[int, str, dict[str, str]]:
-    import torch
+    import torch  # torch: loaded when first needed
 
     versions = {"torch": str(torch.__version__)}
     for package in _REPORTED_PACKAGES:
@@ -291,8 +292,6 @@ def _run(ns: argparse.Namespace) -> int:
 
 def _dry_run(ns: argparse.Namespace) -> int:
     """The plan, each check's config validated as the run would validate it."""
-    from rlhf_ds.config import load_config
-
     gpus = ns.gpus or 1
     checks = plan_checks(gpus, ns.steps, ns.workdir)
     for check in checks:

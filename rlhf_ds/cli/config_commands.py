@@ -5,6 +5,7 @@ import argparse
 
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args
 from rlhf_ds.config import Config, ConfigError
+from rlhf_ds.config_loader import iter_fields, type_name
 
 
 def _add_config_command(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +31,6 @@ def _run_config_command(ns: argparse.Namespace) -> int:
 
 
 def _print_fields(prefix: str) -> int:
-    from rlhf_ds.config_loader import iter_fields, type_name
-
     rows = [f for f in iter_fields(Config) if f.path.startswith(prefix)]
     if not rows:
         raise ConfigError(f"no config key starts with {prefix!r}")

@@ -11,6 +11,11 @@ import argparse
 from rlhf_ds.choices import STAGES
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
 from rlhf_ds.config import DEFAULT_RECIPE, ConfigError
+from rlhf_ds.plan.advice import suggest_fixes
+from rlhf_ds.plan.memory import GiB
+from rlhf_ds.plan.planner import Target, host_memory_bytes, local_target, plan_run, role_lines
+from rlhf_ds.plan.report import render
+from rlhf_ds.plan.shapes import ShapeError
 
 
 def _add(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +31,6 @@ def _add(parser: argparse.ArgumentParser) -> None:
 
 
 def _target(ns: argparse.Namespace):
-    from rlhf_ds.plan.memory import GiB
-    from rlhf_ds.plan.planner import Target, host_memory_bytes, local_target
-
     for name in ("gpu_memory_gib", "host_memory_gib"):
         value = getattr(ns, name)
         if value is not None and value <= 0:
@@ -43,11 +45,6 @@ def _target(ns: argparse.Namespace):
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from rlhf_ds.plan.advice import suggest_fixes
-    from rlhf_ds.plan.planner import plan_run, role_lines
-    from rlhf_ds.plan.report import render
-    from rlhf_ds.plan.shapes import ShapeError
-
     cfg = config_from_args(ns, ns.stage)
     target = _target(ns)
     try:

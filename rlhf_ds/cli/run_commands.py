@@ -6,8 +6,11 @@ import argparse
 import json
 import os
 
+from rlhf_ds.bench import BENCH_MODELS, compare_with_floor, format_table, measure_matmul_peak, run_bench
 from rlhf_ds.choices import Stage
 from rlhf_ds.cli.args import Command, add_config_arguments, config_from_args, split_config_args
+from rlhf_ds.env import process_rank
+from rlhf_ds.plan.report import check_fits
 
 
 def _add(parser: argparse.ArgumentParser) -> None:
@@ -16,12 +19,12 @@ def _add(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(ns: argparse.Namespace, stage: Stage = "rl"):
-    os.environ.setdefault("OMP_NUM_THREADS", "1")   # every worker process: one thread (see DESIGN.md)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")   # one thread per process (docs/design.md#threads-on-a-2-core-host)
     return config_from_args(ns, stage)
 
 
 def _run_train(ns: argparse.Namespace) -> int:
-    from rlhf_ds.cluster.env import process_rank
+    # transformers: loaded when first needed
     from rlhf_ds.trainer.run import run_training
 
     summary = run_training(_config(ns), show_progress=not ns.no_progress)
@@ -41,37 +44,22 @@ def _stage_line(summary: dict, what: str) -> str:
     return f"{line}; total {summary['total_wall_time_s']:.0f} s; {what}: {summary['export']}"
 
 
-def _run_sft(ns: argparse.Namespace) -> int:
-    from rlhf_ds.cluster.env import process_rank
-    from rlhf_ds.plan.planner import check_fits
+def _run_stage(ns: argparse.Namespace, stage: Stage) -> int:
+    """`sft` / `rm`: one supervised stage (``trainer.sft`` / ``trainer.rm``), checked to fit first."""
+    # the stages load torch, transformers and deepspeed: imported only when one runs
+    from rlhf_ds.trainer.rm_stage import run_rm_stage
     from rlhf_ds.trainer.sft_stage import run_sft_stage
 
-    cfg = _config(ns, "sft")
-    if cfg.trainer.sft.steps == 0:
-        print("trainer.sft.steps=0: no SFT stage configured")
+    cfg = _config(ns, stage)
+    if getattr(cfg.trainer, stage).steps == 0:
+        print(f"trainer.{stage}.steps=0: nothing to train")
         return 0
-    check_fits(cfg, stage="sft")   # before any engine starts
-    summary = run_sft_stage(cfg, show_progress=not ns.no_progress,
-                            log=print if process_rank() == 0 else (lambda *_: None))
+    check_fits(cfg, stage=stage)   # before any engine starts
+    run, trained = {"sft": (run_sft_stage, "final actor"),
+                    "rm": (run_rm_stage, "reward model (reward.model_path)")}[stage]
+    summary = run(cfg, show_progress=not ns.no_progress, log=print if process_rank() == 0 else (lambda *_: None))
     if process_rank() == 0:
-        print("held-out " + _stage_line(summary, "final actor"))
-    return 0
-
-
-def _run_rm(ns: argparse.Namespace) -> int:
-    from rlhf_ds.cluster.env import process_rank
-    from rlhf_ds.plan.planner import check_fits
-    from rlhf_ds.trainer.rm_stage import run_rm_stage
-
-    cfg = _config(ns, "rm")
-    if cfg.trainer.rm.steps == 0:
-        print("trainer.rm.steps=0: no reward-model training configured")
-        return 0
-    check_fits(cfg, stage="rm")   # before any engine starts
-    summary = run_rm_stage(cfg, show_progress=not ns.no_progress,
-                           log=print if process_rank() == 0 else (lambda *_: None))
-    if process_rank() == 0:
-        print("held-out " + _stage_line(summary, "reward model (reward.model_path)"))
+        print("held-out " + _stage_line(summary, trained))
     return 0
 
 
@@ -88,8 +76,6 @@ def _add_bench(parser: argparse.ArgumentParser) -> None:
 def _run_bench(ns: argparse.Namespace) -> int:
     """`bench CONFIG [k=v ...]`: time that config alone. `bench [k=v ...]`: the fixed workload against the
     single-process floor, every model and backend (``rlhf_ds.bench``); overrides apply to our side."""
-    from rlhf_ds.bench import BENCH_MODELS, compare_with_floor, format_table, measure_matmul_peak, run_bench
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     name, overrides = split_config_args(ns.config_args)
     if name is not None:
@@ -121,6 +107,7 @@ def _add_pairs(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_pairs(ns: argparse.Namespace) -> int:
+    # transformers: loaded when first needed
     from rlhf_ds.trainer.pairs import run_pairs
 
     summary = run_pairs(_config(ns), ns.out, pairs_per_prompt=ns.pairs_per_prompt, num_train=ns.num_train)
@@ -135,9 +122,11 @@ RUN_COMMANDS = {
     "train": Command("run RL training: `train [CONFIG] [key=value ...]` (SFT warm start first when "
                      "trainer.sft.steps > 0, cached)", _add, _run_train),
     "sft": Command("supervised fine-tuning of the actor on ZeRO-3 engines: `sft [CONFIG] [key=value ...]` "
-                   "(trainer.sft; the trained actor goes to OUTPUT_DIR/actor_hf)", _add, _run_sft),
+                   "(trainer.sft; the trained actor goes to OUTPUT_DIR/actor_hf)", _add,
+                   lambda ns: _run_stage(ns, "sft")),
     "rm": Command("reward-model training on preference pairs: `rm [CONFIG] [key=value ...]` (trainer.rm; the "
-                  "model goes to OUTPUT_DIR/reward_hf, for reward.model_path)", _add, _run_rm),
+                  "model goes to OUTPUT_DIR/reward_hf, for reward.model_path)", _add,
+                  lambda ns: _run_stage(ns, "rm")),
     "pairs": Command("preference pairs from the actor's own samples, labelled by the rule rewards: `pairs [CONFIG] "
                      "[key=value ...] --out DIR` (JSONL for `rm`: data.train_path / data.eval_path)",
                      _add_pairs, _run_pairs),

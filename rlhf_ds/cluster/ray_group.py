@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Sequence
 
 import ray
+import torch
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -75,8 +76,7 @@ class RankHost:
 
     def __init__(self, role: str, rank: int, world_size: int, env: dict[str, str]):
         os.environ.update(env)
-        import torch   # may be imported already (by unpickling), when OMP_NUM_THREADS was read
-
+        # torch read OMP_NUM_THREADS when this process imported it, before this environment: set it again
         torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "1")))
         self.role, self.rank, self.world_size = role, rank, world_size
         self.workers: dict[str, Any] = {}
@@ -155,7 +155,7 @@ class _EngineClient:
         ray.get([h.call.remote(self.role, method, args, {}) for h, args in zip(self.handles, per_engine_args, strict=True)])
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
-        from rlhf_ds.rollout.vllm_transfer import engine_init_info
+        from rlhf_ds.rollout.vllm_transfer import engine_init_info  # vllm: only with rollout.backend=vllm
 
         self._all("transfer_init", [(engine_init_info(init_info, i, self.tensor_parallel_size),)
                                     for i in range(len(self.handles))])
@@ -182,7 +182,7 @@ def _push_through_vllm_transfer(actor_worker: Any, rank: int, engine_handles: li
                                 backend: str, tensor_parallel_size: int, bucket_bytes: int) -> int:
     """Runs in each actor rank's process: vLLM's NCCL / IPC trainer engine sends the gathered buckets
     straight to the engines' GPUs (rank 0 sends; every rank takes part in the gathers)."""
-    from rlhf_ds.rollout.vllm_transfer import nccl_world_size, open_transfer
+    from rlhf_ds.rollout.vllm_transfer import nccl_world_size, open_transfer  # vllm: only with rollout.backend=vllm
 
     key = backend + ":" + ",".join(h._actor_id.hex() for h in engine_handles)
     if key not in _OPEN_TRANSFERS:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Mapping, Optional
 
-from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.cluster.group import Group
+from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
+from rlhf_ds.cluster.threads import worker_threads
 from rlhf_ds.config import Config
+from rlhf_ds.env import process_rank
 
 
 def role_ranks(cfg: Config) -> dict[str, int]:
@@ -27,15 +29,16 @@ def role_ranks(cfg: Config) -> dict[str, int]:
 
 def _worker_spec(cfg: Config, role: str) -> tuple[Callable, tuple]:
     """(class, constructor arguments) of one rank of ``role``."""
+    # the engine and worker classes load torch and transformers: imported only when a role starts
     if role == "rollout":
         from rlhf_ds.rollout.engines import rollout_engine_spec
         return rollout_engine_spec(cfg)
     from rlhf_ds.workers.actor import ActorWorker
     from rlhf_ds.workers.critic import CriticWorker
     from rlhf_ds.workers.reference import ReferenceWorker
-    from rlhf_ds.workers.reward import RewardWorker
+    from rlhf_ds.workers.reward_model import RewardModelWorker
 
-    classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+    classes = {"actor": ActorWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardModelWorker}
     return classes[role], (cfg,)
 
 
@@ -150,12 +153,11 @@ def build_stage_roles(cfg: Config, role: str, worker_cls: type, total_steps: int
 
 
 def _build_ray(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
-    import ray
+    import ray  # ray: only under the Ray launcher
 
-    from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
+    # ray: only under the Ray launcher
     from rlhf_ds.cluster.ray_group import RoleGroup, create_pools, remove_pools, start_ray, worker_env
-    from rlhf_ds.cluster.threads import worker_threads
-    from rlhf_ds.engine.dist import has_gpu
+    from rlhf_ds.engine.dist import has_gpu  # torch: loaded when first needed
 
     use_gpu = has_gpu() if not (cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS")) else None
     # the engines live in the actor's processes (Config.engines_in_actor), taking no resources of their own
@@ -202,7 +204,10 @@ def check_spmd_ranks(ranks: dict[str, int], world_size: int) -> None:
 
 
 def _build_spmd(cfg: Config, ranks: dict[str, int], spec: Callable = _worker_spec) -> Roles:
+    # torch: loaded when first needed
     from rlhf_ds.cluster.spmd_group import SpmdGroup
+
+    # torch: loaded when first needed
     from rlhf_ds.engine.dist import any_rank, dp_size, init_distributed, on_rank0_shared
 
     init_distributed(timeout_s=cfg.cluster.dist_timeout_s)

@@ -2,7 +2,7 @@
 
 The trainer runs its stages one after another (rollout, reference / critic / old-log-prob passes,
 training, sync); inside a stage the busy workers run concurrently. A worker that gets one thread while it
-is the only one working leaves the other cores idle (DESIGN.md: a small-model GRPO step took ~1.9 s
+is the only one working leaves the other cores idle (docs/design.md#threads-on-a-2-core-host: a small-model GRPO step took ~1.9 s
 with one thread per worker, ~1.6 s with two on 2 cores), and workers that all take every core while
 they run together oversubscribe (4 busy threads on 2 cores: 10x slower). So each role gets the host's
 cores divided by the most workers busy at once in any stage it takes part in.

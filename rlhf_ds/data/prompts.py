@@ -10,26 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
+
+from rlhf_ds.data.records import PromptRecord
+from rlhf_ds.data.tasks import generate_split, train_split_size
 
 SYNTHETIC_PREFIX = "synthetic:"
 
 
 class DatasetError(ValueError):
     """A dataset file or row that cannot be read as prompt records."""
-
-
-@dataclass(frozen=True)
-class PromptRecord:
-    """One prompt with its reference answer; ``meta`` holds where it came from."""
-
-    prompt: str
-    answer: str
-    meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 def _record_from_row(row: Any, where: str, prompt_key: str, answer_key: str, meta: dict) -> PromptRecord:
@@ -71,7 +64,7 @@ def _records_from_rows(rows: Iterable[object], path: Path, prompt_key: str, answ
 
 
 def _load_parquet(path: Path, prompt_key: str, answer_key: str) -> list[PromptRecord]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # pyarrow: only to read parquet files
 
     try:
         table = pq.read_table(path)
@@ -81,7 +74,7 @@ def _load_parquet(path: Path, prompt_key: str, answer_key: str) -> list[PromptRe
 
 
 def _load_hf_dir(path: Path, prompt_key: str, answer_key: str, split: str) -> list[PromptRecord]:
-    import datasets
+    import datasets  # datasets: only for a saved HF dataset
 
     try:
         data = datasets.load_from_disk(str(path))
@@ -112,8 +105,6 @@ def load_prompt_dataset(path: str | os.PathLike, prompt_key: str = "prompt", ans
     """
     path_str = str(path)
     if path_str.startswith(SYNTHETIC_PREFIX):
-        from rlhf_ds.data.tasks import generate_split
-
         return generate_split(path_str[len(SYNTHETIC_PREFIX):], split, num_examples, task_seed)
     file = Path(path_str)
     if not file.exists():
@@ -139,8 +130,6 @@ def load_run_records(data: Any) -> tuple[list[PromptRecord], list[PromptRecord]]
     synthetic = data.train_path.startswith(SYNTHETIC_PREFIX)
     num_train = None
     if synthetic:
-        from rlhf_ds.data.tasks import train_split_size
-
         num_train = train_split_size(data.train_path[len(SYNTHETIC_PREFIX):], data.num_train)
     train = load_prompt_dataset(data.train_path, data.prompt_key, data.answer_key, split="train",
                                 num_examples=num_train, task_seed=data.task_seed)

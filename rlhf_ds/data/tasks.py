@@ -9,7 +9,7 @@ problem space is split once, by a hash of the problem index and the seed, into a
 (``HELDOUT_FRACTION`` of it) and a train part, so the two splits are disjoint whatever sizes are requested
 and the held-out set of a seed never changes.
 
-Per DESIGN.md ("What a tiny model can learn here"), ``multiplication`` (3-digit x 1-digit) is the one
+Per docs/benchmarks.md#how-the-demo-task-was-chosen, ``multiplication`` (3-digit x 1-digit) is the one
 on which a short SFT warm start + GRPO reliably shows a gain; ``addition`` (3-digit) is learnable but
 often plateaus; ``addition_2d`` is too easy for RL and serves smoke tests.
 """
@@ -24,7 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
-from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.data.records import PromptRecord
 from rlhf_ds.data.word_problems import WORD_PROBLEMS
 
 HELDOUT_FRACTION = 0.1

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
-from rlhf_ds.data.prompts import PromptRecord
+from rlhf_ds.data.records import PromptRecord
 
 # (name, subject pronoun capitalised, the same in lower case)
 PEOPLE = (("Tom", "He", "he"), ("Sara", "She", "she"), ("Ben", "He", "he"), ("Mia", "She", "she"),

@@ -19,6 +19,7 @@ import torch
 from rlhf_ds.choices import LR_SCHEDULES, ROLES, TRAINABLE_ROLES
 from rlhf_ds.engine import dist
 from rlhf_ds.engine.ds_config import role_ds_config, write_ds_config
+from rlhf_ds.models.blocks import leaf_module_classes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -91,6 +92,7 @@ def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: 
     released right after the load: plain loads that follow in the same process (the HF rollout engine,
     a tiny value model built on first use, several roles under the deepspeed launcher) stay plain.
     """
+    # transformers: loaded when first needed
     from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
     hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841  (read through a weak reference)
@@ -102,15 +104,17 @@ def _load_presharded(role: str, model_path: str, dtype: torch.dtype, ds_config: 
 
 def _load_model(role: str, model_path: str, dtype: torch.dtype) -> PreTrainedModel:
     if role in CAUSAL_ROLES:
+        # transformers: loaded when first needed
         from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    # transformers: loaded when first needed
     from rlhf_ds.models.value_model import ValueModel
     # A causal-LM directory also loads: its backbone weights share the names, the head starts at zero.
     return ValueModel.from_pretrained(model_path, dtype=dtype)
 
 
 def _load_tokenizer(model_path: str) -> Any:
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # transformers: loaded when first needed
     try:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError, TypeError):
@@ -150,7 +154,7 @@ def build_engine(cfg: Any, role: str, *, total_steps: Optional[int] = None,
 
 
 def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: Optional[str]) -> RoleEngine:
-    import deepspeed
+    import deepspeed  # deepspeed: in the processes that build engines
 
     dist.init_distributed(timeout_s=cfg.cluster.dist_timeout_s)
     role_cfg = getattr(cfg, role)
@@ -159,6 +163,7 @@ def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: O
     if output_dir and dist.dp_rank() == 0:
         write_ds_config(ds_config, output_dir, role)
 
+    # transformers: loaded when first needed
     from rlhf_ds.models.tiny import resolve_model_path
     model_path = resolve_model_path(role_cfg.model_path)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
@@ -190,9 +195,7 @@ def _build_engine(cfg: Any, role: str, total_steps: Optional[int], output_dir: O
 def _set_leaf_modules(model: torch.nn.Module, spec: str, field: str, model_path: str) -> None:
     """Mark the modules ``spec`` names as ZeRO-3 leaves (gathered and hooked as one unit), before
     ``deepspeed.initialize`` registers the hooks."""
-    from deepspeed.utils import set_z3_leaf_modules
-
-    from rlhf_ds.models.blocks import leaf_module_classes
+    from deepspeed.utils import set_z3_leaf_modules  # deepspeed: in the processes that build engines
 
     classes = leaf_module_classes(model, spec, field, model_path)
     if classes:

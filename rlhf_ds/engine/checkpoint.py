@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+import torch
 import torch.distributed as torch_dist
 
 from rlhf_ds.engine import dist
@@ -44,8 +45,6 @@ def apply_peak_lr(role_engine: Any, lr: float) -> None:
     of the peak rate: set the peak and the rate of the step the schedule is at. A scheduler from the
     JSON's own ``scheduler`` section is left as DeepSpeed restored it.
     """
-    import torch
-
     scheduler = role_engine.engine.lr_scheduler
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return

@@ -40,6 +40,7 @@ def release_cuda_cache() -> None:
 
 def offload_training_states_cuda(engine: Any) -> None:
     """Move a ZeRO-3 engine's training states (``OFFLOADED_STATES``) to pinned host memory."""
+    # deepspeed: in the processes that build engines
     from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum, OffloadStateTypeEnum
 
     engine.offload_states(include=[OffloadStateTypeEnum(name) for name in OFFLOADED_STATES],

@@ -7,6 +7,7 @@ The data-parallel group of a role is torch.distributed's default group (one grou
 from __future__ import annotations
 
 import atexit
+import ctypes
 import os
 import re
 import sys
@@ -73,8 +74,6 @@ def keep_freed_memory() -> bool:
     0.57-0.70 s to 0.51-0.59 s in alternated runs (1.08-1.20x a plain step in the same process before,
     1.04-1.15x after). The cost: the process keeps up to 1 GiB of freed memory at the top of its heap.
     Returns whether glibc took the settings (False on other C libraries)."""
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
@@ -87,7 +86,7 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     """Join the process group described by the launcher environment (RANK, WORLD_SIZE, MASTER_ADDR,
     MASTER_PORT, LOCAL_RANK). Idempotent. A process started without that environment becomes a
     single-rank group."""
-    import deepspeed
+    import deepspeed  # deepspeed: in the processes that build engines
 
     if has_gpu():
         torch.cuda.set_device(get_device())

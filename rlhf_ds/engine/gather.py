@@ -60,7 +60,7 @@ def iter_full_param_buckets(module: torch.nn.Module, *, bucket_bytes: Optional[i
     bytes (a parameter larger than the bucket goes alone). Weight sync sends each list as one bucket.
     dtype: cast the copies (weight sync sends the rollout engine's dtype); None keeps the parameters'.
     """
-    import deepspeed
+    import deepspeed  # deepspeed: in the processes that build engines
 
     if bucket_bytes is None:
         groups = _per_module(module)

@@ -18,6 +18,8 @@ import os
 import struct
 from typing import Optional
 
+from huggingface_hub import try_to_load_from_cache
+
 SAFETENSORS, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 TORCH_BIN, TORCH_BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # The scalar head of a reward model, by checkpoint format: ours (ValueModel), and HF's
@@ -35,7 +37,6 @@ def local_file(model: str, filename: str) -> Optional[str]:
     if os.path.isdir(model):
         path = os.path.join(model, filename)
         return path if os.path.isfile(path) else None
-    from huggingface_hub import try_to_load_from_cache
 
     try:
         found = try_to_load_from_cache(model, filename)
@@ -53,7 +54,7 @@ def _safetensors_shapes(path: str) -> dict[str, tuple[int, ...]]:
 
 
 def _torch_bin_shapes(path: str) -> dict[str, tuple[int, ...]]:
-    import torch
+    import torch  # torch: loaded when first needed
 
     state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     return {name: tuple(t.shape) for name, t in state.items()}
@@ -123,7 +124,7 @@ def _architectures(model: str, suffix: str) -> bool:
 
 def vocab_size(model: str) -> int:
     """Rows of the model's token embedding, from its config (no weights loaded)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: loaded when first needed
 
     return int(AutoConfig.from_pretrained(model).get_text_config().vocab_size)
 

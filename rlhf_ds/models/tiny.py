@@ -37,7 +37,9 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2Tokenizer
 
+from rlhf_ds.data.word_problems import WORD_PROBLEMS
 from rlhf_ds.fs import publish_directory
+from rlhf_ds.models.value_model import make_value_model_from_lm
 
 PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN)  # ids 0..3, in this order
@@ -80,7 +82,8 @@ class TinyPreset:
 
 
 PRESETS: dict[str, TinyPreset] = {
-    # ~135 K parameters: the size whose SFT / GRPO behaviour DESIGN.md measured on 2 cores.
+    # ~135 K parameters: the size whose SFT / GRPO behaviour was measured on 2 cores
+    # (docs/benchmarks.md#how-the-demo-task-was-chosen).
     "llama-arith": TinyPreset("llama", hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2,
                               intermediate_size=256),
     # ~1.1 M parameters.
@@ -178,8 +181,6 @@ def build_tokenizer(preset: TinyPreset) -> PreTrainedTokenizerFast:
 
 def _bpe_corpus() -> list[str]:
     """What the "bpe" tokenizer is trained on: the word problems, and the words of the chat template."""
-    from rlhf_ds.data.word_problems import WORD_PROBLEMS
-
     return WORD_PROBLEMS.tokenizer_corpus() + ["system", "user", "assistant", DEFAULT_ALPHABET]
 
 
@@ -273,7 +274,6 @@ def resolve_model_path(spec: str, cache_dir: str | os.PathLike | None = None, se
     """
     if not spec.startswith(TINY_PREFIX):
         return spec
-    from rlhf_ds.models.value_model import make_value_model_from_lm
 
     preset, is_value = parse_tiny_spec(spec)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()

@@ -9,7 +9,10 @@ tokenizer in the log.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
+
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from rlhf_ds.models.tiny import resolve_model_path
 
@@ -43,8 +46,6 @@ def ensure_pad_token(tokenizer: Any, source: str) -> Any:
 def load_tokenizer(model_path: str, tokenizer_path: str = "") -> Any:
     """The tokenizer at ``tokenizer_path``, or the one saved with ``model_path`` when it is '' (a
     ``tiny:`` name is built first), with a pad token (:func:`ensure_pad_token`)."""
-    from transformers import AutoTokenizer
-
     source = resolve_model_path(tokenizer_path or model_path)
     return ensure_pad_token(AutoTokenizer.from_pretrained(source), source)
 
@@ -65,9 +66,6 @@ def stop_token_ids(tokenizer: Any, generation_eos: Any = None) -> tuple[int, ...
 def model_stop_token_ids(model_path: str, tokenizer: Any) -> tuple[int, ...]:
     """:func:`stop_token_ids` with the eos ids of the model at ``model_path`` (its generation_config.json,
     else its config.json), read without loading weights."""
-    import os
-
-    from transformers import AutoConfig, GenerationConfig
 
     path = resolve_model_path(model_path)
     if os.path.exists(os.path.join(path, "generation_config.json")):

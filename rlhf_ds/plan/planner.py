@@ -17,7 +17,10 @@ import os
 from dataclasses import dataclass, field
 
 from rlhf_ds.choices import STAGES, TRAINABLE_ROLES, Stage
-from rlhf_ds.config import Config, ConfigError
+from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
+from rlhf_ds.cluster.roles import role_ranks
+from rlhf_ds.config import Config
+from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
 from rlhf_ds.plan import memory
 from rlhf_ds.plan.memory import GiB, Usage
 from rlhf_ds.plan.shapes import model_shape
@@ -51,10 +54,10 @@ def host_memory_bytes() -> int:
 
 def local_target() -> Target:
     """This machine: its first GPU's memory (and host memory), or its host memory alone."""
-    from rlhf_ds.engine.dist import has_gpu
+    from rlhf_ds.engine.dist import has_gpu  # torch: loaded when first needed
 
     if has_gpu():
-        import torch
+        import torch  # torch: loaded when first needed
 
         return Target(torch.cuda.get_device_properties(0).total_memory, host_memory_bytes(),
                       max(1, torch.cuda.device_count()))
@@ -114,8 +117,7 @@ class Plan:
 # ----------------------------------------------------------------------------- processes of a run
 
 def _role_processes(cfg: Config, role: str, ranks: int, on_gpu: bool, trainable: bool) -> list[Process]:
-    from rlhf_ds.engine.build import CAUSAL_ROLES
-    from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
+    from rlhf_ds.engine.build import CAUSAL_ROLES  # torch: loaded when first needed
 
     role_cfg = getattr(cfg, role)
     ds = role_ds_config(cfg, role, ranks, on_gpu)
@@ -135,7 +137,7 @@ def _role_processes(cfg: Config, role: str, ranks: int, on_gpu: bool, trainable:
 
 
 def _rollout_processes(cfg: Config, engines: int, target: Target) -> list[Process]:
-    from rlhf_ds.engine.ds_config import resolve_precision
+    # transformers: loaded when first needed
     from rlhf_ds.rollout.hf_engine import MAX_BATCH_SEQUENCES
 
     rollout = cfg.rollout
@@ -161,8 +163,6 @@ def stage_ranks(cfg: Config, stage: Stage) -> tuple[dict[str, int], frozenset[st
     """(ranks per role, the roles that train) of what ``stage`` starts: `rlhf-ds train` (RL), `rlhf-ds sft`
     (the actor and the engines that evaluate it), `rlhf-ds rm` (the reward model alone); the rollout
     engines are the role ``rollout``."""
-    from rlhf_ds.cluster.roles import role_ranks
-
     if stage == "rl":
         ranks, trainable = role_ranks(cfg), frozenset(TRAINABLE_ROLES)
     elif stage == "sft":
@@ -188,8 +188,6 @@ def run_processes(cfg: Config, target: Target, stage: Stage = "rl") -> dict[str,
 
 def role_lines(cfg: Config, target: Target, stage: Stage = "rl") -> list[str]:
     """What each role of ``stage`` runs with: ranks, ds_config, precision, micro-batch, sequence lengths."""
-    from rlhf_ds.engine.ds_config import resolve_precision, role_ds_config
-
     precision = resolve_precision(cfg.precision, target.on_gpu)
     seq = f"{cfg.rollout.max_prompt_len} prompt + {cfg.rollout.max_response_len} response tokens"
     ranks, trainable = stage_ranks(cfg, stage)
@@ -219,7 +217,6 @@ def _gpu_of_each_process(cfg: Config, processes: dict[str, list[Process]]) -> di
     """GPU index of every rank of every role."""
     if cfg.cluster.launcher == "deepspeed":
         return {role: list(range(len(procs))) for role, procs in processes.items()}
-    from rlhf_ds.cluster.placement import gpus_per_rank, plan_placement
 
     placed = {role: len(procs) for role, procs in processes.items() if not _inside_actor(cfg, role)}
     placement = plan_placement(placed, cfg.cluster.colocate, gpus_per_rank(cfg))
@@ -265,29 +262,3 @@ def plan_run(cfg: Config, target: Target, stage: Stage = "rl") -> Plan:
             runtime = {"process runtime": PROCESS_HOST_BYTES} if own_process else {}
             nodes[g // target.gpus_per_node].parts.append((p.label, role, {**p.usage.host, **runtime}))
     return Plan(target, gpus + nodes)
-
-
-# ----------------------------------------------------------------------------- before a run
-
-class PlanError(ConfigError):
-    """A run that cannot fit the machine it is about to start on."""
-
-
-def check_fits(cfg: Config, log=print, stage: Stage = "rl") -> None:
-    """``rlhf-ds train`` / ``sft`` / ``rm`` run this first: refuse a run that cannot fit this machine, naming
-    the device, its roles and the shortfall (``trainer.skip_plan=true`` skips the check)."""
-    if cfg.trainer.skip_plan:
-        return
-    if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
-        log("plan: joining a Ray cluster whose devices this process cannot see: not checked here; "
-            "`rlhf-ds plan CONFIG --gpu-memory-gib N` plans for its GPUs")
-        return
-    from rlhf_ds.plan.report import shortfall_message
-
-    target = local_target()
-    plan = plan_run(cfg, target, stage)
-    if not plan.fits:
-        stage_option = "" if stage == "rl" else f" --stage {stage}"
-        raise PlanError(f"the run does not fit {target.describe()}: {shortfall_message(plan)}. "
-                        f"`rlhf-ds plan{stage_option}` with the same config and overrides shows the breakdown and "
-                        f"the changes that make it fit; trainer.skip_plan=true starts it anyway")

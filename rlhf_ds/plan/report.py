@@ -1,9 +1,14 @@
-"""The plan as a user reads it: per device, per process, what holds the bytes; the verdict; the fixes."""
+"""The plan as a user reads it: per device, per process, what holds the bytes; the verdict; the fixes;
+and the check every run makes before it starts (``check_fits``)."""
 from __future__ import annotations
 
+import os
+
+from rlhf_ds.choices import Stage
+from rlhf_ds.config import Config, ConfigError
 from rlhf_ds.plan.advice import Fix
 from rlhf_ds.plan.memory import describe
-from rlhf_ds.plan.planner import USABLE_FRACTION, DevicePlan, Plan
+from rlhf_ds.plan.planner import USABLE_FRACTION, DevicePlan, Plan, local_target, plan_run
 
 
 def device_lines(device: DevicePlan) -> list[str]:
@@ -46,3 +51,27 @@ def render(plan: Plan, fixes: list[Fix], where: str, roles: list[str]) -> str:
         lines.append(f"     cost: {fix.cost}; fullest device then {worst.name} at "
                      f"{describe(worst.total)} of {describe(worst.usable)}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- before a run
+
+class PlanError(ConfigError):
+    """A run that cannot fit the machine it is about to start on."""
+
+
+def check_fits(cfg: Config, log=print, stage: Stage = "rl") -> None:
+    """``rlhf-ds train`` / ``sft`` / ``rm`` run this first: refuse a run that cannot fit this machine, naming
+    the device, its roles and the shortfall (``trainer.skip_plan=true`` skips the check)."""
+    if cfg.trainer.skip_plan:
+        return
+    if cfg.cluster.ray_address or os.environ.get("RAY_ADDRESS"):
+        log("plan: joining a Ray cluster whose devices this process cannot see: not checked here; "
+            "`rlhf-ds plan CONFIG --gpu-memory-gib N` plans for its GPUs")
+        return
+    target = local_target()
+    plan = plan_run(cfg, target, stage)
+    if not plan.fits:
+        stage_option = "" if stage == "rl" else f" --stage {stage}"
+        raise PlanError(f"the run does not fit {target.describe()}: {shortfall_message(plan)}. "
+                        f"`rlhf-ds plan{stage_option}` with the same config and overrides shows the breakdown and "
+                        f"the changes that make it fit; trainer.skip_plan=true starts it anyway")

@@ -56,7 +56,7 @@ class ModelShape:
 
 
 def _hf_config(model_path: str):
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers: loaded when first needed
 
     if model_path.startswith(SHAPE_PREFIX):
         name = model_path[len(SHAPE_PREFIX):]
@@ -65,6 +65,7 @@ def _hf_config(model_path: str):
                              f"{', '.join(SHAPE_PREFIX + k for k in KNOWN_SHAPES)}")
         values = dict(KNOWN_SHAPES[name])
         return AutoConfig.for_model(values.pop("model_type"), **values)
+    # transformers: loaded when first needed
     from rlhf_ds.models.tiny import resolve_model_path
     try:
         return AutoConfig.from_pretrained(resolve_model_path(model_path))
@@ -80,9 +81,11 @@ def model_shape(model_path: str, value_head: bool = False, leaf_modules: str = "
     """Shapes of the causal LM at ``model_path`` (``value_head``: its backbone plus a scalar head, as the
     critic and the reward model are built). ``leaf_modules`` (a ``<role>.zero3_leaf_modules`` value, named
     ``field`` in errors) decides the ZeRO-3 gather unit: a leaf module is gathered whole."""
+    # accelerate, transformers: loaded on first use (the CLI and configs start without them)
     from accelerate import init_empty_weights
     from transformers import AutoModel, AutoModelForCausalLM
 
+    # torch: loaded when first needed
     from rlhf_ds.models.blocks import largest_unit_numel, leaf_module_classes
 
     config = _hf_config(model_path)

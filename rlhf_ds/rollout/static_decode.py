@@ -42,14 +42,20 @@ _NEUTRAL_PROCESSORS = {"repetition_penalty": (None, 1.0), "no_repeat_ngram_size"
 
 def _model_classes() -> tuple[type[LlamaForCausalLM], type[Qwen2ForCausalLM]]:
     """The classes of ``ARCHITECTURES`` whose modules this loop calls (imported on first use)."""
+    # transformers: loaded when first needed
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
+
+    # transformers: loaded when first needed
     from transformers.models.qwen2.modeling_qwen2 import Qwen2ForCausalLM
 
     return LlamaForCausalLM, Qwen2ForCausalLM
 
 
 def _layer_classes() -> tuple[type[LlamaDecoderLayer], type[Qwen2DecoderLayer]]:
+    # transformers: loaded when first needed
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    # transformers: loaded when first needed
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     return LlamaDecoderLayer, Qwen2DecoderLayer

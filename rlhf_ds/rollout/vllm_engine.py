@@ -29,12 +29,15 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from rlhf_ds.cluster.env import process_rank
 from rlhf_ds.config import Config
 from rlhf_ds.engine.cuda import cuda_memory_used_bytes
+from rlhf_ds.engine.dist import has_gpu
+from rlhf_ds.env import process_rank
+from rlhf_ds.models.tiny import default_cache_dir, resolve_model_path
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams
+from rlhf_ds.rollout.precision import rollout_dtype, rollout_torch_dtype
 from rlhf_ds.rollout.vllm_settings import SHM_BACKEND, engine_kwargs, process_env
-from rlhf_ds.rollout.weights import UpdateSession, expected_manifest
+from rlhf_ds.rollout.weights import UpdateSession, active_session, expected_manifest
 
 # Level 2 releases weights and KV cache without copying the weights to host memory (level 1 copies them,
 # only for the next sync to overwrite them).
@@ -74,10 +77,6 @@ class VLLMRolloutEngine:
         process (default: yes in a Ray actor, which hosts nothing else; no under the launcher);
         local_updates: weights arrive as buckets from this process (``update_weights``; always under the
         launcher), not through a transfer driven by the actor's rank 0."""
-        from rlhf_ds.engine.dist import has_gpu
-        from rlhf_ds.models.tiny import default_cache_dir, resolve_model_path
-        from rlhf_ds.rollout.engines import rollout_dtype, rollout_torch_dtype
-
         self.rank, self.on_gpu = process_rank(), has_gpu()
         model_path = resolve_model_path(cfg.actor.model_path)
         tokenizer_path = resolve_model_path(cfg.actor.tokenizer_path) if cfg.actor.tokenizer_path else model_path
@@ -104,7 +103,7 @@ class VLLMRolloutEngine:
 
     @staticmethod
     def _start_llm(kwargs: dict) -> Any:
-        from vllm import LLM
+        from vllm import LLM  # vllm: only with rollout.backend=vllm
 
         return LLM(**kwargs)
 
@@ -113,8 +112,8 @@ class VLLMRolloutEngine:
                  seed: int) -> list[RolloutSample]:
         if not prompts:
             return []
-        from vllm import SamplingParams as VllmSampling
-        from vllm.inputs import TokensPrompt
+        from vllm import SamplingParams as VllmSampling  # vllm: only with rollout.backend=vllm
+        from vllm.inputs import TokensPrompt  # vllm: only with rollout.backend=vllm
 
         if self.released:
             raise RuntimeError(f"vLLM engine {self.rank} is asleep ({', '.join(sorted(self.released))} released): "
@@ -166,7 +165,7 @@ class VLLMRolloutEngine:
         self.session = UpdateSession(self.expected, manifest, version, f"vLLM engine {self.rank}")
 
     def update_weights(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> int:
-        from safetensors.torch import save_file
+        from safetensors.torch import save_file  # safetensors: only on the weight-update path
 
         bucket = list(bucket)
         session = self._session()
@@ -226,10 +225,7 @@ class VLLMRolloutEngine:
 
     # ---------------------------------------------------------------- internals
     def _session(self) -> UpdateSession:
-        if self.session is None:
-            raise RuntimeError(f"vLLM engine {self.rank}: no weight update in progress (start_weight_update "
-                               f"first, or the update was refused)")
-        return self.session
+        return active_session(self.session, f"vLLM engine {self.rank}")
 
     def _after_update(self) -> None:
         self._wake(["kv_cache"])

@@ -24,10 +24,14 @@ from typing import Any, ClassVar, Iterator, Optional
 
 import torch
 import torch.distributed as torch_dist
+from vllm.distributed.weight_transfer import packed_tensor
 from vllm.distributed.weight_transfer.base import VLLMWeightSyncClient, WeightSource
 from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo, worker_init_payload
-from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine,
-                                                          NCCLWeightTransferEngine)
+from vllm.distributed.weight_transfer.nccl_engine import (
+    NCCLTrainerInitInfo,
+    NCCLTrainerWeightTransferEngine,
+    NCCLWeightTransferEngine,
+)
 
 from rlhf_ds.rollout.vllm_settings import GLOO_BACKEND
 
@@ -73,8 +77,6 @@ class _HostStream:
 def host_streams() -> Iterator[None]:
     """vLLM's packed broadcast asks for the current CUDA device and its streams; on a CPU host it gets
     stand-ins (gloo's broadcast returns once the bytes are in place, so there is nothing to overlap)."""
-    from vllm.distributed.weight_transfer import packed_tensor
-
     if torch.cuda.is_available():   # a GPU host has real streams
         yield
         return

@@ -25,6 +25,8 @@ from typing import Any, Iterator, Optional
 import torch
 from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
 from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
+from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
 from rlhf_ds.rollout.vllm_gloo import GlooTrainerInitInfo, GlooTrainerWeightTransferEngine
 from rlhf_ds.rollout.vllm_settings import GLOO_BACKEND
@@ -65,14 +67,10 @@ def trainer_init_info(backend: str, rank: int, *, master_address: str = "", mast
     """vLLM's trainer-side init info. NCCL (and gloo) need the rendezvous: actor rank 0 is rank 0 of the
     transfer group, the engine workers follow. Every backend sends packed buffers of ``bucket_bytes``."""
     if backend in ("nccl", GLOO_BACKEND):
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
-
         info_cls = GlooTrainerInitInfo if backend == GLOO_BACKEND else NCCLTrainerInitInfo
         return info_cls(master_address=master_address, master_port=master_port, world_size=world_size, packed=True,
                         packed_buffer_size_bytes=bucket_bytes, packed_num_buffers=_PACKED_BUFFERS, rank=rank)
     if backend == "ipc":
-        from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
-
         return IPCTrainerInitInfo(packed=True, packed_buffer_size_bytes=bucket_bytes, rank=rank)
     raise ValueError(f"no weight transfer driven by the actor is named {backend!r}; valid: "
                      f"{', '.join(DIRECT_BACKENDS)}")

@@ -16,7 +16,7 @@ Names are the HF parameter names of the actor's model (tied parameters once); dt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -46,6 +46,7 @@ def manifest_of(named: Iterable[tuple[str, torch.Tensor]]) -> Manifest:
 def expected_manifest(model_path: str, dtype: torch.dtype) -> Manifest:
     """What an engine serving the HF model at ``model_path`` in ``dtype`` must receive, read from its
     ``config.json`` with a model built on the meta device (no weights loaded, no memory used)."""
+    # transformers: loaded when first needed
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
@@ -80,6 +81,14 @@ def check_manifest(expected: Sequence[ParamSpec], announced: Sequence[ParamSpec]
 def _few(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return f"[{shown}{', ...' if len(items) > limit else ''}] ({len(items)})"
+
+
+def active_session(session: Optional["UpdateSession"], engine: str) -> "UpdateSession":
+    """The update in progress on ``engine``, or an error saying there is none (never started, or refused)."""
+    if session is None:
+        raise RuntimeError(f"{engine}: no weight update in progress (start_weight_update first, or the update "
+                           f"was refused)")
+    return session
 
 
 class UpdateSession:

@@ -22,13 +22,17 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
 
 from rlhf_ds.config import Config
-from rlhf_ds.data import scoring
 from rlhf_ds.data.preferences import PreferenceRecord
 from rlhf_ds.data.prompts import PromptRecord, encode_prompts, load_run_records
-from rlhf_ds.models.tokenizer import model_stop_token_ids
+from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer, model_stop_token_ids
+from rlhf_ds.rewards import runner_from_config
 from rlhf_ds.rollout.base import SamplingParams, build_experience
+from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+from rlhf_ds.trainer import scoring
+from rlhf_ds.trainer.warm_start import with_warm_start
 
 Log = Callable[[str], None]
 # Prompts per generate call: enough rows to keep the matmuls busy, few enough to show progress.
@@ -86,12 +90,6 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     """`rlhf-ds pairs`: sample the run's actor (after its warm start) on the train and held-out prompts and
     write ``OUT_DIR/train.jsonl`` and ``OUT_DIR/eval.jsonl``; returns the summary (also ``summary.json``).
     num_train: train prompts used (0 = the whole train split)."""
-    import torch
-
-    from rlhf_ds.data.rewards import runner_from_config
-    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
-    from rlhf_ds.rollout.hf_engine import HFRolloutEngine
-    from rlhf_ds.trainer.run import with_warm_start
 
     if pairs_per_prompt < 1:
         raise ValueError(f"pairs_per_prompt must be >= 1, got {pairs_per_prompt}")

@@ -19,15 +19,19 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from rlhf_ds.algo import (compute_advantages, kl_penalty, make_kl_controller,
-                          reduce_metrics_across_minibatches, token_weights)
+from rlhf_ds.algo import (
+    compute_advantages,
+    kl_penalty,
+    make_kl_controller,
+    reduce_metrics_across_minibatches,
+    token_weights,
+)
 from rlhf_ds.batch import Experience, padded_fraction
 from rlhf_ds.config import Config
-from rlhf_ds.data import scoring
 from rlhf_ds.data.prompts import PromptLoader, PromptRecord, encode_prompts
 from rlhf_ds.models.tokenizer import model_stop_token_ids
 from rlhf_ds.rollout.base import SamplingParams, build_experience, generate, generate_async
-from rlhf_ds.trainer import checkpoint
+from rlhf_ds.trainer import checkpoint, scoring
 from rlhf_ds.trainer.colocation import MemoryHandoff
 from rlhf_ds.trainer.logging import RunLogger
 

@@ -9,15 +9,15 @@ configs take as ``reward.model_path`` with ``reward.use_model=true``.
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from rlhf_ds.algo.supervised import bradley_terry_loss, pair_weights, pairwise_correct
-from rlhf_ds.cluster.env import process_rank
+from rlhf_ds.cluster.roles import build_stage_roles
 from rlhf_ds.config import Config
 from rlhf_ds.data.preferences import PreferenceBatch, PreferenceRecord, build_preference_batch, load_preference_records
 from rlhf_ds.data.prompts import encode_prompts
-from rlhf_ds.trainer.stage import Log, StageLoop, check_stage_resume, run_stage, stage_config
+from rlhf_ds.trainer.stage import Log, StageLoop, open_stage, run_stage
+from rlhf_ds.workers.rm import RmWorker
 
 EXPORT_NAME = "reward_hf"
 EVAL_KEY = "eval/pairwise_accuracy"
@@ -71,26 +71,15 @@ def run_rm_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Optio
     """Train the reward model of ``cfg`` (``reward.*`` model, ``trainer.rm`` optimisation, preference data
     from ``data.*``) into ``output_dir`` (default ``trainer.output_dir``): metrics, checkpoints, and the
     model as an HF directory ``OUTPUT_DIR/reward_hf``. resume: default ``trainer.resume``."""
-    from rlhf_ds.cluster.roles import build_stage_roles
-    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
-    from rlhf_ds.workers.reward_model_trainer import RewardModelTrainer
+    def check_data(tokenizer: Any) -> tuple[list[PreferenceRecord], list[PreferenceRecord]]:
+        train, held_out = load_preference_records(cfg.data)
+        encode_prompts(tokenizer, train + held_out, cfg.rollout.max_prompt_len,
+                       chat_template=cfg.data.apply_chat_template)
+        return train, held_out
 
-    cfg = stage_config(cfg, output_dir)
-    resume = cfg.trainer.resume if resume is None else resume
-    if cfg.trainer.rm.steps == 0:
-        raise ValueError("trainer.rm.steps=0: no reward-model training configured (set trainer.rm.steps)")
-    # everything that can be refused is refused before any engine starts
-    tokenizer = load_tokenizer(cfg.reward.model_path, cfg.reward.tokenizer_path)
-    check_chat_template(tokenizer, cfg.data.apply_chat_template, "reward")
-    train, held_out = load_preference_records(cfg.data)
-    encode_prompts(tokenizer, train + held_out, cfg.rollout.max_prompt_len,   # a prompt too long: fail now
-                   chat_template=cfg.data.apply_chat_template)
-    if resume:
-        check_stage_resume(cfg, log)
-    os.makedirs(cfg.trainer.output_dir, exist_ok=True)
-    if process_rank() == 0:
-        cfg.save(os.path.join(cfg.trainer.output_dir, "config.yaml"))
-    return run_stage(cfg, lambda: build_stage_roles(cfg, "reward", RewardModelTrainer, cfg.trainer.rm.steps,
+    cfg, resume, tokenizer, (train, held_out) = open_stage(cfg, output_dir, resume, stage="rm", role="reward",
+                                                           check_data=check_data, log=log)
+    return run_stage(cfg, lambda: build_stage_roles(cfg, "reward", RmWorker, cfg.trainer.rm.steps,
                                                     with_rollout=False),
                      lambda roles: RewardModelStage(cfg, roles, tokenizer, train, held_out, show_progress=show_progress,
                                                     log=log),

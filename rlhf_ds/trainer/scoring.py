@@ -8,7 +8,7 @@ import torch
 from rlhf_ds.batch import Experience
 from rlhf_ds.choices import NONFINITE_SCORE_POLICIES
 from rlhf_ds.data.prompts import PromptRecord
-from rlhf_ds.data.rewards import exact_match
+from rlhf_ds.rewards.functions import exact_match
 from rlhf_ds.rollout.base import RolloutSample, SamplingParams, build_experience
 
 # generate(prompts, n, sampling, seed) -> n samples per prompt, prompt-major (an engine's, or a group's)
@@ -93,7 +93,7 @@ def evaluate(generate: Generate, tokenizer: Any, records: Sequence[PromptRecord]
     """Held-out accuracy of one sample per prompt (greedy at ``temperature`` 0), scored by the run's rules.
 
     stop_ids: the ids a finished response ends on (``models.tokenizer.model_stop_token_ids``).
-    runner: the run's rule reward, called like :class:`~rlhf_ds.data.rewards.RewardRunner`
+    runner: the run's rule reward, called like :class:`~rlhf_ds.rewards.runner.RewardRunner`
       (prompts, responses, answers, finished) -> (scores, stats); None = ``exact_match``.
     A response is correct when its reward is >= ``correct_score`` (:func:`is_correct`).
     pass_k > 1: also ``pass_k`` samples per prompt at ``pass_k_temperature``; ``eval/pass@k`` is the

@@ -12,21 +12,22 @@ by length into micro-batches cut to their own padding (``batch.packed_micro_batc
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
 
 from rlhf_ds.algo import token_weights
 from rlhf_ds.batch import Experience, pad_prompts, pad_responses
-from rlhf_ds.cluster.env import process_rank
+from rlhf_ds.cluster.roles import build_stage_roles
 from rlhf_ds.config import Config
-from rlhf_ds.data import scoring
 from rlhf_ds.data.preferences import encode_response
 from rlhf_ds.data.prompts import PromptRecord, encode_prompt, encode_prompts, load_run_records
 from rlhf_ds.models.tokenizer import model_stop_token_ids
+from rlhf_ds.rewards import runner_from_config
 from rlhf_ds.rollout.base import generate
-from rlhf_ds.trainer.stage import Log, StageLoop, check_stage_resume, run_stage, stage_config
+from rlhf_ds.trainer import scoring
+from rlhf_ds.trainer.stage import Log, StageLoop, open_stage, run_stage
+from rlhf_ds.workers.sft import SftWorker
 
 EXPORT_NAME = "actor_hf"
 
@@ -103,25 +104,13 @@ def run_sft_stage(cfg: Config, *, output_dir: Optional[str] = None, resume: Opti
     """Run the SFT stage of ``cfg`` (``trainer.sft``) into ``output_dir`` (default ``trainer.output_dir``):
     metrics, checkpoints (unless ``checkpoints=False``), and the trained actor as an HF directory
     ``OUTPUT_DIR/actor_hf``. resume: default ``trainer.resume``. Returns the stage summary."""
-    from rlhf_ds.cluster.roles import build_stage_roles
-    from rlhf_ds.data.rewards import runner_from_config
-    from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
-    from rlhf_ds.workers.sft import SftWorker
+    def check_data(tokenizer: Any) -> tuple[list[PromptRecord], list[PromptRecord]]:
+        train, held_out = load_run_records(cfg.data)
+        encode_prompts(tokenizer, train, cfg.rollout.max_prompt_len, chat_template=cfg.data.apply_chat_template)
+        return train, held_out
 
-    cfg = stage_config(cfg, output_dir)
-    resume = cfg.trainer.resume if resume is None else resume
-    if cfg.trainer.sft.steps == 0:
-        raise ValueError("trainer.sft.steps=0: no SFT stage configured (set trainer.sft.steps)")
-    # everything that can be refused is refused before any engine starts
-    tokenizer = load_tokenizer(cfg.actor.model_path, cfg.actor.tokenizer_path)
-    check_chat_template(tokenizer, cfg.data.apply_chat_template, "actor")
-    train, held_out = load_run_records(cfg.data)
-    encode_prompts(tokenizer, train, cfg.rollout.max_prompt_len, chat_template=cfg.data.apply_chat_template)
-    if resume:
-        check_stage_resume(cfg, log)
-    os.makedirs(cfg.trainer.output_dir, exist_ok=True)
-    if process_rank() == 0:
-        cfg.save(os.path.join(cfg.trainer.output_dir, "config.yaml"))
+    cfg, resume, tokenizer, (train, held_out) = open_stage(cfg, output_dir, resume, stage="sft", role="actor",
+                                                           check_data=check_data, log=log)
     runner = runner_from_config(cfg.reward)
     try:
         return run_stage(cfg, lambda: build_stage_roles(cfg, "actor", SftWorker, cfg.trainer.sft.steps, with_rollout=True),

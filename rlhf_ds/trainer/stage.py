@@ -13,12 +13,16 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from rlhf_ds.config import Config
 from rlhf_ds.data.prompts import PromptLoader
+from rlhf_ds.env import process_rank
+from rlhf_ds.models.tokenizer import check_chat_template, load_tokenizer
 from rlhf_ds.trainer import checkpoint
 from rlhf_ds.trainer.logging import RunLogger
+from rlhf_ds.trainer.resume import check_resume
+from rlhf_ds.trainer.signals import stop_on_signals
 
 Log = Callable[[str], None]
 
@@ -145,8 +149,6 @@ STAGE_HARMLESS_KEYS = ("trainer.sft.steps", "trainer.sft.eval_interval", "traine
 
 def check_stage_resume(cfg: Config, log: Log = print) -> Optional[str]:
     """``trainer.resume.check_resume`` for a stage: its own run length and cadence keys are harmless."""
-    from rlhf_ds.trainer.resume import check_resume
-
     allowed = tuple(cfg.trainer.allow_resume_changes) + STAGE_HARMLESS_KEYS
     return check_resume(dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, allow_resume_changes=allowed)),
                         log)
@@ -159,14 +161,41 @@ def stage_config(cfg: Config, output_dir: Optional[str]) -> Config:
     return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, output_dir=output_dir))
 
 
+StageData = TypeVar("StageData")
+
+
+def open_stage(cfg: Config, output_dir: Optional[str], resume: Optional[bool], *, stage: str, role: str,
+               check_data: Callable[[Any], StageData], log: Log = print) -> tuple[Config, bool, Any, StageData]:
+    """What a stage refuses before any engine starts, and the files it starts with.
+
+    ``cfg`` writing to ``output_dir`` (None: ``trainer.output_dir``); resume: default ``trainer.resume``;
+    stage: "sft" or "rm" (``trainer.<stage>``, which must have steps); role: whose tokenizer encodes the data
+    (its chat template checked when ``data.apply_chat_template``); check_data(tokenizer): loads the stage's
+    data and encodes it (a prompt too long fails here). Then the resume is checked against the saved
+    config, and the config is saved. Returns (config, resume, tokenizer, the data)."""
+    cfg = stage_config(cfg, output_dir)
+    resume = cfg.trainer.resume if resume is None else resume
+    if getattr(cfg.trainer, stage).steps == 0:
+        what = {"sft": "SFT stage", "rm": "reward-model training"}[stage]
+        raise ValueError(f"trainer.{stage}.steps=0: no {what} configured (set trainer.{stage}.steps)")
+    role_cfg = getattr(cfg, role)
+    tokenizer = load_tokenizer(role_cfg.model_path, role_cfg.tokenizer_path)
+    check_chat_template(tokenizer, cfg.data.apply_chat_template, role)
+    data = check_data(tokenizer)
+    if resume:
+        check_stage_resume(cfg, log)
+    os.makedirs(cfg.trainer.output_dir, exist_ok=True)
+    if process_rank() == 0:
+        cfg.save(os.path.join(cfg.trainer.output_dir, "config.yaml"))
+    return cfg, resume, tokenizer, data
+
+
 def run_stage(cfg: Config, start_roles: Callable[[], Any], make_loop: Callable[[Any], StageLoop], export_name: str,
               *, resume: bool) -> dict:
     """Start a stage's groups (``start_roles() -> Roles``) and its loop (``make_loop(roles)``), run it with the
     SIGTERM / SIGINT stop, export the trained role as an HF directory ``OUTPUT_DIR/<export_name>``, and stop
     every group, even on failure. Returns the loop's summary (also written to ``summary.json``) with
     ``export`` (the HF directory) and ``total_wall_time_s``."""
-    from rlhf_ds.trainer.run import stop_on_signals
-
     started = time.time()
     roles = start_roles()
     try:

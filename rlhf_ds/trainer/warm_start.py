@@ -2,7 +2,7 @@
 
 RL with a bare 0/1 reward only moves a model that already succeeds sometimes, so the default run first
 fine-tunes the tiny model on ``prompt -> answer<eos>`` until held-out greedy accuracy (scored by the
-run's rule rewards, as RL evaluation scores it) reaches ``trainer.sft.target_eval_accuracy`` (DESIGN.md:
+run's rule rewards, as RL evaluation scores it) reaches ``trainer.sft.target_eval_accuracy`` (docs/benchmarks.md#how-the-demo-task-was-chosen:
 stop on validation accuracy, not on time — the data order moves the jump by ~20 s). The training is the
 SFT stage of ``rlhf-ds sft`` (``trainer.sft_stage``: the actor's ZeRO-3 engine, the sum-gradient step, the
 same groups as RL), writing its metrics under ``OUTPUT_DIR/sft``; it keeps no checkpoints, its result is
@@ -20,14 +20,15 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
-from rlhf_ds.cluster.env import process_rank
-from rlhf_ds.config import Config
+from rlhf_ds.config import Config, config_from_dict
+from rlhf_ds.env import process_rank
 from rlhf_ds.fs import publish_directory
 from rlhf_ds.models.tiny import default_cache_dir
 from rlhf_ds.trainer.sft_stage import encode_examples, run_sft_stage
 
-__all__ = ["MARKER", "encode_examples", "run_sft", "sft_dir", "wait_for_sft"]
+__all__ = ["MARKER", "encode_examples", "run_sft", "sft_dir", "wait_for_sft", "with_warm_start"]
 
 MARKER = ".sft_complete"
 
@@ -85,3 +86,18 @@ def wait_for_sft(cfg: Config, timeout_s: float = 3600.0) -> str:
             raise TimeoutError(f"no finished SFT warm start at {out} after {timeout_s:.0f} s")
         time.sleep(1.0)
     return str(out)
+
+
+def with_warm_start(cfg: Config, log: Callable[[str], None] = print) -> Config:
+    """Run (or reuse) the SFT warm start; roles that started from the actor's model start from its result."""
+    if cfg.trainer.sft.steps == 0:
+        return cfg
+    # The SFT stage is collective: under the deepspeed launcher every rank trains, rank 0 publishes the
+    # cached result (the Ray driver is rank 0).
+    base = cfg.actor.model_path
+    warm = run_sft(cfg, log if process_rank() == 0 else (lambda *_: None))
+    overrides = [f"{role}.model_path={warm}" for role in ("actor", "reference", "critic")
+                 if getattr(cfg, role).model_path == base]
+    # The resolved config saved with the run starts from the warm model: re-running it must not warm-start twice.
+    overrides.append("trainer.sft.steps=0")
+    return config_from_dict(cfg.to_dict(), overrides)

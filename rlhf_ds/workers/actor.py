@@ -1,7 +1,7 @@
 """The actor (policy): log-probs / entropy of responses, and the policy-gradient update.
 
 Loss of one micro-batch, every term a weighted sum with the mini-batch's token weights (so the sum over
-micro-batches and ranks is the chosen reduction of the whole mini-batch, DESIGN.md):
+micro-batches and ranks is the chosen reduction of the whole mini-batch, docs/design.md#one-set-of-token-weights-for-every-term):
 
     sum(policy_loss(A * w) * mask) + kl_coef * sum(kl * w) - entropy_coef * sum(entropy * w)
 
@@ -14,12 +14,22 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from rlhf_ds.algo import (POLICY_STAT_KINDS, Metric, MetricKind, entropy_from_logits, kl_penalty,
-                          metrics_from_stats, policy_loss, truncated_is_weights, weighted_advantages)
+from rlhf_ds.algo import (
+    POLICY_STAT_KINDS,
+    Metric,
+    MetricKind,
+    entropy_from_logits,
+    kl_penalty,
+    metrics_from_stats,
+    policy_loss,
+    truncated_is_weights,
+    weighted_advantages,
+)
 from rlhf_ds.batch import Experience
 from rlhf_ds.engine import dist
 from rlhf_ds.engine.gather import full_shapes, iter_full_param_buckets
 from rlhf_ds.engine.step import sum_gradient_step
+from rlhf_ds.rollout.precision import rollout_torch_dtype
 from rlhf_ds.rollout.weights import ParamSpec, dtype_name
 from rlhf_ds.workers.base import TrainableWorker
 from rlhf_ds.workers.common import logprobs_from_logits, policy_logprobs, require_fields, response_logits
@@ -120,6 +130,4 @@ class ActorWorker(TrainableWorker):
                                        dtype=self._rollout_dtype())
 
     def _rollout_dtype(self) -> torch.dtype:
-        from rlhf_ds.rollout.engines import rollout_torch_dtype
-
         return rollout_torch_dtype(self.cfg)

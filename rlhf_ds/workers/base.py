@@ -3,10 +3,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from rlhf_ds.batch import packed_micro_batches
 from rlhf_ds.engine.build import RoleEngine, build_engine
 from rlhf_ds.engine.checkpoint import apply_peak_lr, export_hf, load_checkpoint, save_checkpoint
-from rlhf_ds.engine.cuda import (cuda_peak_allocated_bytes, offload_training_states_cuda, release_cuda_cache,
-                                 reload_training_states_cuda)
+from rlhf_ds.engine.cuda import (
+    cuda_peak_allocated_bytes,
+    offload_training_states_cuda,
+    release_cuda_cache,
+    reload_training_states_cuda,
+)
 from rlhf_ds.engine.step import SkipCounter
 
 
@@ -41,8 +46,6 @@ class EngineWorker:
     def micro_batches(self, shard: Any) -> list:
         """This rank's training micro-batches of ``shard``: packed by length, padding cut
         (``batch.packed_micro_batches``)."""
-        from rlhf_ds.batch import packed_micro_batches
-
         by_length = self.cfg.algo.loss_reduction != "token_mean_legacy"
         return [micro for _, micro in packed_micro_batches(shard, self.micro_batch_size, by_length)]
 

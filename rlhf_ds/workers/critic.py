@@ -1,7 +1,7 @@
 """The critic (value model): values of response states, and the clipped value-loss update.
 
 Loss of one micro-batch: value_loss_coef * sum(clipped_value_loss * w), with the mini-batch's token
-weights w, so the critic is reduced exactly like the policy (DESIGN.md).
+weights w, so the critic is reduced exactly like the policy (docs/design.md#one-set-of-token-weights-for-every-term).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ from rlhf_ds.workers.base import EngineWorker
 from rlhf_ds.workers.common import in_micro_batches, last_token_index, model_inputs
 
 
-class RewardWorker(EngineWorker):
+class RewardModelWorker(EngineWorker):
     role = "reward"
 
     @torch.no_grad()

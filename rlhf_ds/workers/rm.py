@@ -71,7 +71,7 @@ def reward_model_loss(model: Any, micro: PreferenceBatch, *, device: torch.devic
                   "margin": Metric((weights * margin).sum().item(), MetricKind.SUM)}
 
 
-class RewardModelTrainer(TrainableWorker):
+class RmWorker(TrainableWorker):
     """One rank of the reward model being trained (``rlhf-ds rm``)."""
     role = ENGINE_SLOT
 

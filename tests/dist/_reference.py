@@ -57,7 +57,7 @@ def fill_critic_fields(exp: Experience, seed: int = 2) -> Experience:
 
 
 def hand_weights(mask: torch.Tensor, mode: str, group_ids: torch.Tensor, micro: int) -> torch.Tensor:
-    """Reduction weights from the table in DESIGN.md, with loops (float64)."""
+    """Reduction weights from the table of docs/design.md#loss-reduction-by-pre-scaled-advantages, with loops (float64)."""
     rows, cols = mask.shape
     n = [float(mask[i].sum()) for i in range(rows)]
     total = sum(n)

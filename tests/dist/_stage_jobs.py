@@ -15,7 +15,7 @@ from rlhf_ds.config import load_config
 from rlhf_ds.data.preferences import PreferenceBatch
 from rlhf_ds.engine import dist
 from rlhf_ds.engine.step import accumulate_gradients, discard_gradients
-from rlhf_ds.workers.reward_model_trainer import RewardModelTrainer, reward_model_loss
+from rlhf_ds.workers.rm import RmWorker, reward_model_loss
 from rlhf_ds.workers.sft import SftWorker, sft_loss
 
 CHOSEN_LENGTHS = [6, 3, 1, 5, 2, 4, 2, 6]
@@ -104,7 +104,7 @@ def stage_gradient_job(model_dir: str, value_dir: str, out_dir: str, sft_exp: Ex
                                    "reward.micro_batch_size=2", "trainer.rm.steps=1", "trainer.rm.batch_size=8",
                                    f"trainer.output_dir={out_dir}"])
     device = dist.get_device()
-    sft, rm = SftWorker(cfg), RewardModelTrainer(cfg)
+    sft, rm = SftWorker(cfg), RmWorker(cfg)
     sft.init_model(10)
     rm.init_model(10)
     sft_fn = lambda micro: sft_loss(sft.engine, micro, device=device)            # noqa: E731

@@ -1,5 +1,5 @@
 """Layout invariance end to end: same seed, one rollout engine -> the first step's policy loss and
-gradient norm do not depend on the actor's data-parallel ranks or micro-batch size (DESIGN.md contract:
+gradient norm do not depend on the actor's data-parallel ranks or micro-batch size (docs/design.md#the-loss-and-gradient-contract:
 advantages pre-scaled on the whole mini-batch, sum-gradient semantics in the engine)."""
 import pytest
 

@@ -91,22 +91,22 @@ def test_reward_model_stage_then_resume(ray_session, tmp_path):
 
 
 def test_rl_warm_start_runs_the_sft_stage_once_and_caches_it(ray_session, tmp_path, monkeypatch):
-    from rlhf_ds.trainer import sft_trainer
-    from rlhf_ds.trainer.run import with_warm_start
+    from rlhf_ds.trainer import warm_start
+    from rlhf_ds.trainer.warm_start import with_warm_start
 
-    monkeypatch.setattr(sft_trainer, "default_cache_dir", lambda: tmp_path / "cache")
+    monkeypatch.setattr(warm_start, "default_cache_dir", lambda: tmp_path / "cache")
     out = str(tmp_path / "grpo")
     cfg = load_config("grpo_tiny", SFT + ["actor.num_ranks=1", "trainer.sft.steps=50", "trainer.sft.eval_interval=1",
                                           "trainer.sft.target_eval_accuracy=0.0", f"trainer.output_dir={out}"])
     lines = []
     warm = with_warm_start(cfg, log=lines.append)
-    cached = str(sft_trainer.sft_dir(cfg))
+    cached = str(warm_start.sft_dir(cfg))
     assert warm.actor.model_path == cached and warm.trainer.sft.steps == 0
     # stopped at the target (reached at the first evaluation after a step), without checkpoints
     rows = _rows(os.path.join(out, "sft"))
     assert [r["step"] for r in rows] == [0, 1]
     assert not os.path.exists(os.path.join(out, "sft", "checkpoints"))
-    assert (tmp_path / "cache" / "sft").exists() and "1 steps" in open(os.path.join(cached, sft_trainer.MARKER)).read()
+    assert (tmp_path / "cache" / "sft").exists() and "1 steps" in open(os.path.join(cached, warm_start.MARKER)).read()
     assert _max_change(resolve_model_path("tiny:llama-micro"), cached) > 1e-4
     # the second time, the cached result is reused at once
     lines.clear()

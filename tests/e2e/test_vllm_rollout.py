@@ -17,7 +17,7 @@ from rlhf_ds.trainer.run import run_training
 
 from e2e_common import tiny_overrides
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.gpu_path]
 
 LOGPROB_TOL = 1e-4
 VLLM = ["rollout.backend=vllm", "rollout.vllm.kv_cache_memory_bytes=134217728", "rollout.vllm.enforce_eager=true"]

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoTokenizer
 
 from rlhf_ds.config import load_config
-from rlhf_ds.data import scoring
+from rlhf_ds.trainer import scoring
 from rlhf_ds.data.preferences import PreferenceRecord, build_preference_batch
 from rlhf_ds.data.prompts import PromptRecord, encode_prompts
-from rlhf_ds.data.rewards import runner_from_config
+from rlhf_ds.rewards import runner_from_config
 from rlhf_ds.data.tasks import generate_split
 from rlhf_ds.data.word_problems import WORD_PROBLEMS
 from rlhf_ds.models.tiny import BPE_SPECIAL_TOKENS, IM_END, IM_START, build_tokenizer, get_preset, resolve_model_path
@@ -125,10 +125,11 @@ def test_a_tokenizer_without_a_template_is_refused_naming_the_key_the_path_and_t
 
 
 def _refuses_before_any_engine(start, cfg, monkeypatch, tmp_path):
-    import rlhf_ds.cluster.roles as roles
+    from rlhf_ds.trainer import rm_stage, run, sft_stage
 
-    monkeypatch.setattr(roles, "build_roles", lambda *a, **k: pytest.fail("an engine was built"))
-    monkeypatch.setattr(roles, "build_stage_roles", lambda *a, **k: pytest.fail("an engine was built"))
+    monkeypatch.setattr(run, "build_roles", lambda *a, **k: pytest.fail("an engine was built"))
+    for stage in (sft_stage, rm_stage):
+        monkeypatch.setattr(stage, "build_stage_roles", lambda *a, **k: pytest.fail("an engine was built"))
     with pytest.raises(ValueError, match=r"data.apply_chat_template=true, but the tokenizer .*has no chat template"):
         start(cfg)
     assert not (tmp_path / "out").exists()

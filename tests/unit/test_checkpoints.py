@@ -156,8 +156,8 @@ def test_resume_without_a_checkpoint_starts_fresh_and_says_so(tmp_path):
 def test_a_failure_late_in_start_up_leaves_no_roles_or_reward_workers(monkeypatch):
     """A prompt too long for rollout.max_prompt_len is found after the roles started: they are shut
     down and the reward workers stopped before the error reaches the caller."""
-    from rlhf_ds.cluster import roles as roles_module
-    from rlhf_ds.data.rewards import RewardRunner
+    from rlhf_ds.rewards import RewardRunner
+    from rlhf_ds.trainer import run
     from rlhf_ds.trainer.run import build_trainer
 
     class FakeRoles:
@@ -168,7 +168,7 @@ def test_a_failure_late_in_start_up_leaves_no_roles_or_reward_workers(monkeypatc
             FakeRoles.shut = True
 
     closed = []
-    monkeypatch.setattr(roles_module, "build_roles", lambda cfg, steps: FakeRoles())
+    monkeypatch.setattr(run, "build_roles", lambda cfg, steps: FakeRoles())
     monkeypatch.setattr(RewardRunner, "close", lambda self: closed.append(True))
     cfg = load_config("grpo_tiny", ["rollout.max_prompt_len=3"])
     with pytest.raises(ValueError, match="exceed rollout.max_prompt_len=3"):

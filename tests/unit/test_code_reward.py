@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ds.data.code_reward import (Outcome, StdioTest, code_tests, extract_program, parse_tests,
+from rlhf_ds.rewards.sandbox import (Outcome, StdioTest, code_tests, extract_program, parse_tests,
                                       run_program)
-from rlhf_ds.data.rewards import RewardRunner
+from rlhf_ds.rewards import RewardRunner
 
 ADD = "a, b = map(int, input().split())\nprint(a + b)\n"
 TESTS = [StdioTest("1 2\n", "3\n"), StdioTest("10 -4\n", "6")]

@@ -119,9 +119,7 @@ class RecordingActor:
 @pytest.fixture
 def gpu_host(monkeypatch):
     """What the engine reads of the device: a GPU, and its memory in use (2 GiB awake, 0.5 asleep)."""
-    import rlhf_ds.engine.dist as engine_dist
-
-    monkeypatch.setattr(engine_dist, "has_gpu", lambda: True)
+    monkeypatch.setattr(vllm_engine, "has_gpu", lambda: True)
     used = iter([2 << 30, 1 << 29] * 8)
     monkeypatch.setattr(vllm_engine, "cuda_memory_used_bytes", lambda: next(used))
     for key in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "VLLM_RPC_BASE_PATH",

@@ -148,7 +148,7 @@ def test_a_response_ending_on_any_eos_id_of_the_model_is_finished(tmp_path):
     from transformers import AutoConfig, GenerationConfig
 
     from rlhf_ds.batch import Experience
-    from rlhf_ds.data.scoring import decode
+    from rlhf_ds.trainer.scoring import decode
     from rlhf_ds.models.tiny import resolve_model_path
     from rlhf_ds.models.tokenizer import load_tokenizer, model_stop_token_ids, stop_token_ids
 

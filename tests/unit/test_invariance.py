@@ -1,4 +1,4 @@
-"""The loss and gradient contract (DESIGN.md): any dp x micro-batch layout gives the mode's objective.
+"""The loss and gradient contract (docs/design.md#the-loss-and-gradient-contract): any dp x micro-batch layout gives the mode's objective.
 
 One mini-batch of 12 sequences with uneven response lengths (one of them empty) and uneven prompt
 groups is scored by a tiny differentiable model (shared policy and value weights). For every

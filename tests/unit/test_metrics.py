@@ -1,4 +1,4 @@
-"""Metric reduction by declared kind (DESIGN.md, "Metrics are reduced by kind")."""
+"""Metric reduction by declared kind (docs/design.md#metrics-reduced-by-kind)."""
 import pytest
 import torch
 

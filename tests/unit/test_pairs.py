@@ -7,7 +7,7 @@ import pytest
 from rlhf_ds.config import load_config
 from rlhf_ds.data.preferences import load_preference_dataset
 from rlhf_ds.data.prompts import PromptRecord
-from rlhf_ds.data.rewards import RewardRunner
+from rlhf_ds.rewards import RewardRunner
 from rlhf_ds.models.tokenizer import load_tokenizer
 from rlhf_ds.rollout.base import RolloutSample
 from rlhf_ds.trainer.pairs import label_samples, run_pairs, sample_pairs, write_pairs

@@ -5,11 +5,12 @@ import pytest
 
 from rlhf_ds import cli
 from rlhf_ds.config import ConfigError, load_config
-from rlhf_ds.plan import planner
+from rlhf_ds.plan import report
 from rlhf_ds.plan.advice import suggest_fixes
 from rlhf_ds.plan.memory import (GiB, ZeroSettings, activation_bytes, engine_rank_usage, model_state_bytes,
                                  partition_numel)
-from rlhf_ds.plan.planner import PlanError, Target, check_fits, plan_run, role_lines
+from rlhf_ds.plan.planner import Target, plan_run, role_lines
+from rlhf_ds.plan.report import PlanError, check_fits
 from rlhf_ds.plan.shapes import ShapeError, model_shape
 
 
@@ -144,11 +145,11 @@ def test_a_run_that_does_not_fit_gets_fixes_that_are_planned_again():
 
 def test_train_refuses_a_run_that_cannot_fit_before_building_anything(monkeypatch):
     cfg = load_config("grpo_tiny")
-    monkeypatch.setattr(planner, "local_target", lambda: Target(0, 512 * 2 ** 20))   # a 512 MiB host
+    monkeypatch.setattr(report, "local_target", lambda: Target(0, 512 * 2 ** 20))   # a 512 MiB host
     with pytest.raises(PlanError, match=r"host \(actor, rollout\) needs .* short.*trainer.skip_plan=true"):
         check_fits(cfg)
     check_fits(load_config("grpo_tiny", ["trainer.skip_plan=true"]))       # asked to start anyway
-    monkeypatch.setattr(planner, "local_target", lambda: Target(0, 64 * GiB))
+    monkeypatch.setattr(report, "local_target", lambda: Target(0, 64 * GiB))
     check_fits(cfg)
 
 
@@ -200,7 +201,7 @@ def test_sft_and_reward_model_stages_plan_only_what_they_start():
 
 
 def test_stage_commands_refuse_a_stage_that_cannot_fit(monkeypatch, capsys):
-    monkeypatch.setattr(planner, "local_target", lambda: Target(0, 256 * 2 ** 20))   # a 256 MiB host
+    monkeypatch.setattr(report, "local_target", lambda: Target(0, 256 * 2 ** 20))   # a 256 MiB host
     assert cli.main(["sft", "sft_tiny"]) != 0
     err = capsys.readouterr().err
     assert "does not fit CPU" in err and "host (actor, rollout) needs" in err and "rlhf-ds plan --stage sft" in err

@@ -124,7 +124,7 @@ def test_shape_mismatch_rejected():
 
 
 def test_algo_imports_no_heavy_packages_nor_config():
-    """DESIGN.md import rule: the math is importable anywhere in milliseconds."""
+    """The import rule (docs/design.md#package-layers): the math is importable anywhere in milliseconds."""
     import subprocess
     import sys
 

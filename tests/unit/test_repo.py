@@ -1,4 +1,4 @@
-"""Repository guards: every test tier is collected; the import rules of DESIGN.md hold."""
+"""Repository guards: every test tier is collected; the import rules of docs/design.md#package-layers hold."""
 import ast
 import fnmatch
 import pathlib

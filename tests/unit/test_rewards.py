@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ds.data.rewards import (REWARD_FUNCTIONS, RewardFunctionError, RewardRunner, exact_match,
-                                  format_reward, load_reward_function)
+from rlhf_ds.rewards import REWARD_FUNCTIONS, RewardFunctionError, RewardRunner, load_reward_function
+from rlhf_ds.rewards.functions import exact_match, format_reward
 
 USER_FUNCTIONS = '''
 import math, os, resource, subprocess, sys, time
@@ -136,7 +136,7 @@ def test_spec_errors_list_the_valid_forms(user_file, tmp_path):
     # The error lists what the file does define.
     with pytest.raises(RewardFunctionError, match=r"no function 'lenght'; callables there: \[.*'length'"):
         load_reward_function(f"{user_file}:lenght")
-    assert load_reward_function("rlhf_ds.data.rewards:format_reward") is format_reward
+    assert load_reward_function("rlhf_ds.rewards.functions:format_reward") is format_reward
     assert load_reward_function(f"{user_file}:length")([], ["abc"], [], []) == [3.0]
 
 
@@ -395,7 +395,7 @@ def test_a_worker_killed_between_calls_is_replaced(user_file):
 
 
 def test_final_number_match_reads_worked_solutions():
-    from rlhf_ds.data.rewards import REWARD_FUNCTIONS, final_number
+    from rlhf_ds.rewards.functions import REWARD_FUNCTIONS, final_number
 
     assert final_number("Natalia sold 48/2 = 24 clips in May.\n#### 72") == "72"
     assert final_number("so 1,234 apples.") == "1234" and final_number("x = -3.0") == "-3"

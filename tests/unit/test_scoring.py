@@ -7,10 +7,11 @@ import torch
 
 from rlhf_ds.choices import NONFINITE_SCORE_POLICIES
 from rlhf_ds.data.prompts import PromptRecord
-from rlhf_ds.data.rewards import RewardRunner, final_number_match, runner_from_config
-from rlhf_ds.data.scoring import clean_model_scores, evaluate, is_correct
 from rlhf_ds.models.tiny import build_char_tokenizer
+from rlhf_ds.rewards import RewardRunner, runner_from_config
+from rlhf_ds.rewards.functions import final_number_match
 from rlhf_ds.rollout.base import RolloutSample
+from rlhf_ds.trainer.scoring import clean_model_scores, evaluate, is_correct
 
 
 def test_finite_scores_pass_through_under_every_policy():
@@ -143,7 +144,7 @@ def test_sft_cache_key_follows_what_scores_its_stop():
     import json
 
     from rlhf_ds.config import load_config
-    from rlhf_ds.trainer.sft_trainer import sft_dir
+    from rlhf_ds.trainer.warm_start import sft_dir
 
     cfg = load_config(None)
     # the key of every warm start cached before the stop was scored by the run's rewards: still valid

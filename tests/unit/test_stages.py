@@ -163,10 +163,10 @@ def test_preference_keys_are_configurable_and_parquet_errors_name_the_row(tmp_pa
 
 
 def test_rm_stage_refuses_bad_data_before_any_engine_starts(tmp_path, monkeypatch):
-    import rlhf_ds.cluster.roles as roles
+    from rlhf_ds.trainer import rm_stage
     from rlhf_ds.trainer.rm_stage import run_rm_stage
 
-    monkeypatch.setattr(roles, "build_stage_roles", lambda *a, **k: pytest.fail("an engine was started"))
+    monkeypatch.setattr(rm_stage, "build_stage_roles", lambda *a, **k: pytest.fail("an engine was started"))
     bad = _write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1*2=", "rejected": "3"}])
     good = _write_jsonl(tmp_path / "eval.jsonl", [{"prompt": "1*2=", "chosen": "2", "rejected": "3"}])
     cfg = load_config("rm_tiny", [f"data.train_path={bad}", f"data.eval_path={good}",
@@ -189,7 +189,7 @@ def test_stage_rules_give_every_rank_a_share():
 
 
 def test_engine_views_put_the_stage_settings_where_the_engine_builder_reads_them():
-    from rlhf_ds.workers.reward_model_trainer import ENGINE_SLOT, reward_model_engine_config
+    from rlhf_ds.workers.rm import ENGINE_SLOT, reward_model_engine_config
     from rlhf_ds.workers.sft import sft_engine_config
 
     sft = load_config("sft_tiny", ["actor.lr=1e-5", "actor.weight_decay=0.1"])

@@ -151,13 +151,13 @@ def test_one_tokenizer_with_differently_padded_embeddings_is_accepted(tmp_path):
 
 
 def test_run_refuses_bad_models_before_any_engine_is_built(tmp_path, monkeypatch):
-    from rlhf_ds.cluster import roles as roles_module
+    from rlhf_ds.trainer import run
     from rlhf_ds.trainer.run import build_trainer
 
     def no_engines(*_):
         raise AssertionError("an engine was built before the model checks")
 
-    monkeypatch.setattr(roles_module, "build_roles", no_engines)
+    monkeypatch.setattr(run, "build_roles", no_engines)
     causal = save(LlamaForCausalLM(tiny_config()), tmp_path / "lm")
     cfg = load_config("grpo_tiny", ["reward.use_model=true", f"reward.model_path={causal}"])
     with pytest.raises(ModelCheckError, match=f"reward.model_path={causal}: the reward model's scoring head"):

@@ -7,11 +7,18 @@ import numpy as np
 import pytest
 
 from rlhf_ds.data.prompts import load_prompt_dataset, load_run_records
-from rlhf_ds.data.rewards import final_number
-from rlhf_ds.data.tasks import (HELDOUT_FRACTION, TASKS, ArithmeticTask, generate_split, get_task, is_heldout,
-                                write_split_jsonl)
+from rlhf_ds.data.tasks import (
+    HELDOUT_FRACTION,
+    TASKS,
+    ArithmeticTask,
+    generate_split,
+    get_task,
+    is_heldout,
+    write_split_jsonl,
+)
 from rlhf_ds.data.word_problems import WORD_PROBLEMS
 from rlhf_ds.models.tiny import build_char_tokenizer
+from rlhf_ds.rewards.functions import final_number
 
 ARITHMETIC = sorted(name for name, task in TASKS.items() if isinstance(task, ArithmeticTask))
 
@@ -84,7 +91,7 @@ def test_large_space_sampling_is_fast_and_distinct():
 
 
 def test_sft_examples_tokenize_to_bos_prompt_then_answer_eos():
-    from rlhf_ds.trainer.sft_trainer import encode_examples
+    from rlhf_ds.trainer.warm_start import encode_examples
 
     tok = build_char_tokenizer()
     records = generate_split("multiplication", "train", 3, seed=0)
