@@ -27,18 +27,20 @@ lint: install
 	$(VENV)/bin/ruff check rlhf_ds tests scripts
 	$(VENV)/bin/pyright
 
-## The whole suite: unit (pure, seconds), dist (real ZeRO-3 on 2 gloo ranks), e2e (tiny whole runs).
-## Every Python process of the run measures its line coverage (spawned ranks, Ray workers, vLLM engines);
-## the report covers rlhf_ds/ (coverage-report.txt, the GPU path's modules printed).
+## The whole suite: unit (pure, seconds), dist (real ZeRO-3 on 2 gloo ranks), e2e (tiny whole runs), on two
+## pytest workers: much of an e2e test is process start-up and waiting, which the other worker overlaps
+## (the fault tests, whose deadlines are timed, keep to one worker). Line coverage: the pytest workers, and
+## every process the GPU-path tests start (tests/conftest.py); the report is coverage-report.txt, with the
+## GPU path's modules printed. The 12 slowest tests are printed too.
 COVERAGE_ENV := COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml COVERAGE_FILE=$(CURDIR)/.coverage
 GPU_PATH := rlhf_ds/rollout/vllm_*.py,rlhf_ds/engine/gather.py,rlhf_ds/engine/cuda.py,rlhf_ds/cluster/ray_group.py,rlhf_ds/cluster/placement.py
 test: lint
 	rm -f .coverage .coverage.*
-	$(COVERAGE_ENV) $(PYTEST) -q --durations=12 tests
+	$(COVERAGE_ENV) $(PYTEST) -q -n 2 --dist loadgroup --durations=12 tests
 	$(VENV)/bin/coverage combine -q
 	$(VENV)/bin/coverage report --sort=cover > coverage-report.txt
 	$(VENV)/bin/coverage report --include="$(GPU_PATH)"
-	tail -n 1 coverage-report.txt
+	grep "^TOTAL" coverage-report.txt
 
 ## The fast tiers alone.
 test-unit: install

@@ -89,6 +89,14 @@ def gradient_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experi
     return results if dist.dp_rank() == 0 else {}
 
 
+def gradient_cases_job(model_dir: str, value_dir: str, out_dir: str, actor_exp: Experience, critic_exp: Experience,
+                       cases: dict) -> dict:
+    """``gradient_job`` for each case (name -> (modes, micros, config overrides)), in these processes: the
+    ranks start once for all of them."""
+    return {name: gradient_job(model_dir, value_dir, f"{out_dir}/{name}", actor_exp, critic_exp, modes, micros, extra)
+            for name, (modes, micros, extra) in cases.items()}
+
+
 def zero3_layout(module) -> dict:
     """Which modules ZeRO-3 hooks as one unit, and how many parameters it partitions (not persistent)."""
     from deepspeed.utils import get_z3_leaf_modules
@@ -182,14 +190,14 @@ def forward_job(model_dir: str, value_dir: str, out_dir: str, exp: Experience) -
     from rlhf_ds.workers.actor import ActorWorker
     from rlhf_ds.workers.critic import CriticWorker
     from rlhf_ds.workers.reference import ReferenceWorker
-    from rlhf_ds.workers.reward import RewardWorker
+    from rlhf_ds.workers.reward_model import RewardModelWorker
 
     cfg = make_config(model_dir, out_dir, value_dir,
                       extra=[f"reward.model_path={value_dir}", "reward.use_model=true", "reward.micro_batch_size=3",
                              "reference.micro_batch_size=3", "rollout.temperature=0.7"])
     out = {}
     for name, cls in (("actor", ActorWorker), ("critic", CriticWorker), ("reference", ReferenceWorker),
-                      ("reward", RewardWorker)):
+                      ("reward", RewardModelWorker)):
         worker = cls(cfg)
         worker.init_model()
         if name == "actor":

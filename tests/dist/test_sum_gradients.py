@@ -58,16 +58,41 @@ def expected_grads(models, batches, modes=LOSS_REDUCTIONS, micros=MICROS) -> dic
     return want
 
 
-@pytest.mark.dist
-@pytest.mark.parametrize("world_size", [1, 2])
-def test_engine_gradient_equals_global_objective_gradient(world_size, models, batches, tmp_path):
+def gather_all_extra(tmp_dir, leaf_modules: str, checkpointing: bool) -> tuple:
+    """Overrides for actor and critic: every parameter partitioned (persistence threshold 0; the shipped
+    templates keep the tiny model's parameters whole), the given leaf modules and checkpointing."""
+    with open("ds_configs/zero3_train.json") as f:
+        template = json.load(f)
+    template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_dir / "zero3_gather_all.json"
+    path.write_text(json.dumps(template))
+    return tuple(f"{role}.{key}" for role in ("actor", "critic")
+                 for key in (f"ds_config={path}", f"zero3_leaf_modules={leaf_modules}",
+                             f"gradient_checkpointing={str(checkpointing).lower()}"))
+
+
+GATHERED = [("auto", False), ("none", False), ("auto", True)]
+GATHERED_MODES, GATHERED_MICROS = ["token_mean", "sequence_mean"], [1, 4]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(models, batches, tmp_path_factory):
+    """Every 2-rank case in one pair of processes (their start-up is most of a case's cost): the shipped
+    template in all modes, and every parameter gathered with each leaf-module setting."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    cases = {"shipped": (list(LOSS_REDUCTIONS), MICROS, ())}
+    for leaf_modules, checkpointing in GATHERED:
+        cases[f"gathered-{leaf_modules}-{checkpointing}"] = (GATHERED_MODES, GATHERED_MICROS,
+                                                             gather_all_extra(tmp, leaf_modules, checkpointing))
     lm_dir, value_dir = models
-    got = run_ranks(_jobs.gradient_job, world_size, lm_dir, value_dir, str(tmp_path), *batches,
-                    list(LOSS_REDUCTIONS), MICROS)[0]
-    want = expected_grads(models, batches)
+    return run_ranks(_jobs.gradient_cases_job, 2, lm_dir, value_dir, str(tmp), *batches, cases)[0]
+
+
+def _check_exact(got: dict, models, batches, label: str, modes=LOSS_REDUCTIONS, micros=MICROS) -> None:
+    want = expected_grads(models, batches, modes, micros)
     report = {key: ref.max_rel_diff(got[key], want[key]) for key in want}
     worst = max(report.values())
-    print(f"\nworld_size={world_size}: max relative gradient difference over {len(report)} cases = {worst:.2e}")
+    print(f"\n{label}: max relative gradient difference over {len(report)} cases = {worst:.2e}")
     assert worst < TOLERANCE, {k: v for k, v in report.items() if v >= TOLERANCE}
     # Negative control: DeepSpeed's default (loss / accumulation steps, gradients averaged over ranks).
     control = ref.max_rel_diff(got[("actor_ds_default", "token_mean", 2)], want[("actor", "token_mean", 2)])
@@ -76,25 +101,30 @@ def test_engine_gradient_equals_global_objective_gradient(world_size, models, ba
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("leaf_modules,checkpointing", [("auto", False), ("none", False), ("auto", True)])
-def test_gradient_is_exact_when_every_parameter_is_gathered(leaf_modules, checkpointing, models, batches, tmp_path):
+def test_engine_gradient_equals_global_objective_gradient_on_one_rank(models, batches, tmp_path):
+    lm_dir, value_dir = models
+    got = run_ranks(_jobs.gradient_job, 1, lm_dir, value_dir, str(tmp_path), *batches, list(LOSS_REDUCTIONS), MICROS)[0]
+    got.pop("layout")
+    _check_exact(got, models, batches, "world_size=1")
+
+
+@pytest.mark.dist
+def test_engine_gradient_equals_global_objective_gradient_on_two_ranks(two_ranks, models, batches):
+    got = dict(two_ranks["shipped"])
+    got.pop("layout")
+    _check_exact(got, models, batches, "world_size=2")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("leaf_modules,checkpointing", GATHERED)
+def test_gradient_is_exact_when_every_parameter_is_gathered(leaf_modules, checkpointing, two_ranks, models, batches):
     """The shipped templates keep the tiny model's parameters whole (persistence threshold 1e6); here the
     threshold is 0, so ZeRO-3 partitions every parameter over the 2 ranks and gathers it in its hooks."""
-    with open("ds_configs/zero3_train.json") as f:
-        template = json.load(f)
-    template["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_gather_all.json"
-    path.write_text(json.dumps(template))
-    extra = tuple(f"{role}.{key}" for role in ("actor", "critic")
-                  for key in (f"ds_config={path}", f"zero3_leaf_modules={leaf_modules}",
-                              f"gradient_checkpointing={str(checkpointing).lower()}"))
-    modes, micros = ["token_mean", "sequence_mean"], [1, 4]
-    lm_dir, value_dir = models
-    got = run_ranks(_jobs.gradient_job, 2, lm_dir, value_dir, str(tmp_path), *batches, modes, micros, extra)[0]
+    got = dict(two_ranks[f"gathered-{leaf_modules}-{checkpointing}"])
     for role, layout in got.pop("layout").items():
         assert layout["partitioned"] == layout["parameters"], (role, layout)
         assert layout["leaf classes"] == (["LlamaDecoderLayer"] if leaf_modules == "auto" else []), (role, layout)
-    want = expected_grads(models, batches, modes, micros)
+    want = expected_grads(models, batches, GATHERED_MODES, GATHERED_MICROS)
     report = {key: ref.max_rel_diff(got[key], want[key]) for key in got if key[0] != "actor_ds_default"}
     assert len(report) == len(want) == 6
     worst = max(report.values())

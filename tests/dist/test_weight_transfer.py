@@ -16,6 +16,7 @@ from _launch import free_port, run_ranks
 from rlhf_ds.models.tiny import resolve_model_path
 
 BUCKET_BYTES = 64 << 10
+pytestmark = pytest.mark.gpu_path
 
 
 @pytest.mark.dist

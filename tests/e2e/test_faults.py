@@ -16,7 +16,9 @@ from rlhf_ds.config import load_config
 
 from e2e_common import tiny_overrides
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# One xdist worker runs these one after another: their deadlines are timed, and the fault loop (most of
+# its time is process start-up and waiting) overlaps the rest of the suite on the other worker.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("faults")]
 
 KILLS = 10
 
@@ -30,6 +32,14 @@ def _processes(marker: str) -> list[str]:
 def _session(sid: int) -> list[str]:
     out = subprocess.run(["ps", "-eo", "sid=,stat=,args="], capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if line.split()[0] == str(sid) and line.split()[1][0] != "Z"]
+
+
+def _running(pids: list[int]) -> list[str]:
+    """Those of ``pids`` still running (a zombie has ended), as 'pid state command' lines: the processes of
+    one run, whatever other runs share the machine."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=,args=", "-p", ",".join(map(str, pids))], capture_output=True,
+                         text=True).stdout
+    return [line.strip() for line in out.splitlines() if line.split()[1][0] != "Z"]
 
 
 def _wait_gone(check, timeout_s: float) -> list[str]:
@@ -58,9 +68,10 @@ def test_a_killed_actor_rank_fails_the_step_within_seconds_naming_it(ray_session
     from rlhf_ds.cluster.ray_group import WorkerFailure
 
     trainer, runner = _trainer(tmp_path)
+    workers = _pids(trainer.roles.actor) + _pids(trainer.roles.rollout)
     try:
         trainer.train_step(1)
-        os.kill(_pids(trainer.roles.actor)[1], signal.SIGKILL)
+        os.kill(workers[1], signal.SIGKILL)
         started = time.monotonic()
         with pytest.raises(WorkerFailure, match=r"role 'actor' rank 1 failed: the worker process died"):
             trainer.train_step(2)
@@ -68,7 +79,7 @@ def test_a_killed_actor_rank_fails_the_step_within_seconds_naming_it(ray_session
     finally:
         runner.close()
         trainer.roles.shutdown()
-    assert not _wait_gone(lambda: _processes("ray::RankHost"), 20)
+    assert not _wait_gone(lambda: _running(workers), 20)
 
 
 def test_a_stopped_rollout_engine_fails_the_step_at_the_deadline(ray_session, tmp_path):
@@ -76,7 +87,8 @@ def test_a_stopped_rollout_engine_fails_the_step_at_the_deadline(ray_session, tm
 
     # the deadline covers every call, the engines' build included: long enough for that on 2 busy cores
     trainer, runner = _trainer(tmp_path, "cluster.call_timeout_s=30")
-    engine = _pids(trainer.roles.rollout)[0]
+    workers = _pids(trainer.roles.actor) + _pids(trainer.roles.rollout)
+    engine = workers[-1]
     try:
         trainer.train_step(1)
         os.kill(engine, signal.SIGSTOP)
@@ -88,7 +100,7 @@ def test_a_stopped_rollout_engine_fails_the_step_at_the_deadline(ray_session, tm
     finally:
         runner.close()
         trainer.roles.shutdown()          # a stopped process is killed all the same
-    assert not _wait_gone(lambda: _processes("ray::RankHost"), 20)
+    assert not _wait_gone(lambda: _running(workers), 20)
 
 
 # ----------------------------------------------------------------------------- whole runs as a user starts them

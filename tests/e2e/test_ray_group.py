@@ -11,7 +11,7 @@ from rlhf_ds.batch import Experience  # noqa: E402
 from rlhf_ds.cluster.placement import plan_placement  # noqa: E402
 from rlhf_ds.cluster.ray_group import RoleGroup, WorkerFailure, create_pools, remove_pools, worker_env  # noqa: E402
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.gpu_path]
 
 
 class RankWorker:
@@ -165,5 +165,61 @@ def test_colocated_ranks_share_the_gpu_of_their_bundle_on_a_simulated_gpu_cluste
         assert all(len(gpus) == 1 for gpus in per_rank) and per_rank[0] != per_rank[1]
     finally:
         for g in groups:
+            g.shutdown()
+        remove_pools(made)
+
+
+class ToyActor:
+    """An actor's side of the weight sync (manifest, buckets) over the micro model with new weights; every
+    rank holds the same (as ZeRO-3 ranks gather the same full parameters)."""
+
+    def __init__(self, model: str):
+        from transformers import AutoModelForCausalLM
+
+        from rlhf_ds.models.tiny import resolve_model_path
+
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model))
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(torch.randn(p.shape, generator=generator) * 0.1)
+
+    def weight_manifest(self):
+        from rlhf_ds.rollout.weights import manifest_of
+
+        return manifest_of(self.model.named_parameters())
+
+    def weight_buckets(self, bucket_bytes=None, on_device=False):
+        from rlhf_ds.engine.gather import iter_full_param_buckets
+
+        return iter_full_param_buckets(self.model, bucket_bytes=bucket_bytes)
+
+
+def _weights(group) -> list[dict]:
+    return group.apply_all(lambda worker, _rank: {n: p.detach().clone() for n, p in worker.model.named_parameters()})
+
+
+def test_weights_reach_engines_of_their_own_and_engines_inside_the_actor(pools):
+    """The sync's two Ray paths with real HF engines: buckets through the object store into engines of their
+    own (two buckets in flight), and an in-memory load into engines living in the actor's processes."""
+    from rlhf_ds.rollout.hf_engine import HFRolloutEngine
+
+    plan = plan_placement({"actor": 2, "rollout": 2}, colocate=False)
+    made = create_pools(plan, use_gpu=False, cpus_per_worker=0.25)
+    groups = [RoleGroup(role, cls, plan, made, use_gpu=False, cpus_per_worker=0.25, worker_args=("tiny:llama-micro",))
+              for role, cls in (("actor", ToyActor), ("rollout", HFRolloutEngine))]
+    actor, rollout = groups
+    try:
+        inside = actor.attach("inside", HFRolloutEngine, ("tiny:llama-micro",))
+        want = _weights(actor)[0]
+        assert not all(torch.equal(want[n], t) for n, t in _weights(rollout)[0].items())   # not there yet
+        # buckets of 4 KiB: the micro model's tensors go in several buckets, more than two in flight
+        for engines in (rollout, inside):
+            sent = actor.sync_weights(engines, 4 / 1024, "step-1")
+            assert sent == len(want) and engines.run_all("weight_version") == ["step-1", "step-1"]
+            for got in _weights(engines):
+                assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want)
+    finally:
+        for g in reversed(groups):
             g.shutdown()
         remove_pools(made)
