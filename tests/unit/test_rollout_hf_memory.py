@@ -11,8 +11,8 @@ import subprocess
 import sys
 
 VOCAB = 151_936                         # Qwen2's vocabulary
-SEQUENCES, NEW_TOKENS = 64, 256
-ALL_STEPS_LOGITS_BYTES = SEQUENCES * NEW_TOKENS * VOCAB * 4   # ~9.96 GB: what output_logits=True keeps
+SEQUENCES, NEW_TOKENS = 64, 96
+ALL_STEPS_LOGITS_BYTES = SEQUENCES * NEW_TOKENS * VOCAB * 4   # ~3.7 GB: what output_logits=True keeps
 
 _GENERATE = f"""
 import json, resource, time, types
@@ -50,4 +50,4 @@ def test_peak_memory_of_a_large_vocabulary_rollout_is_far_below_all_steps_logits
           f"{SEQUENCES} x {NEW_TOKENS} tokens of a {VOCAB}-token vocabulary in {result['seconds']:.1f} s "
           f"(all steps' logits: {ALL_STEPS_LOGITS_BYTES / 2**30:.2f} GiB)")
     assert result["sequences"] == SEQUENCES and result["lengths"] == [NEW_TOKENS]
-    assert result["peak_growth_bytes"] < 2 * 2**30
+    assert result["peak_growth_bytes"] < ALL_STEPS_LOGITS_BYTES / 4   # one step's [B, V] is 39 MB
