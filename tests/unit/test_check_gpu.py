@@ -9,8 +9,8 @@ from rlhf_ds.cli.check_gpu import LOGPROB_GAP_TOLERANCE, grpo_figures, grpo_ok, 
 
 
 @pytest.mark.parametrize("gpus,names", [
-    (1, ["tiny_ipc_sleep", "qwen_ipc_sleep", "decode"]),
-    (2, ["tiny_ipc_sleep", "tiny_nccl", "qwen_ipc_sleep", "qwen_nccl", "decode"]),
+    (1, ["tiny_ipc_sleep", "qwen_ipc_sleep", "decode_cuda_graphs", "decode_eager"]),
+    (2, ["tiny_ipc_sleep", "tiny_nccl", "qwen_ipc_sleep", "qwen_nccl", "decode_cuda_graphs", "decode_eager"]),
 ])
 def test_dry_run_prints_the_plan_with_validated_configs(capsys, gpus, names):
     assert main(["check-gpu", "--dry-run", "--gpus", str(gpus), "--steps", "20"]) == 0
@@ -58,9 +58,15 @@ def test_figures_and_the_verdict_json():
     stale = grpo_figures(_rows([0.01, 0.4, 0.9]), param_bytes=2 * 10 ** 9)   # engines left on old weights
     assert not grpo_ok(stale)
     report = verdict({"tiny_ipc_sleep": {"ok": True, "seconds": 61.0, **figures},
-                      "decode": {"ok": False, "seconds": 3.0, "error": "Traceback ...\nRuntimeError: boom"}},
+                      "decode_cuda_graphs": {"ok": True, "seconds": 40.0, "tokens_per_s": 9000},
+                      "decode_eager": {"ok": False, "seconds": 3.0, "error": "Traceback ...\nRuntimeError: boom"}},
                      gpus=1, device="NVIDIA H100", versions={"torch": "2.13.0"})
-    assert report["ok"] is False and report["failed"] == ["decode"]
-    assert set(report) == {"ok", "failed", "gpus", "device", "versions", "logprob_gap_tolerance", "checks"}
-    assert "RuntimeError: boom" in report["checks"]["decode"]["error"]
+    assert report["ok"] is False and report["failed"] == ["decode_eager"]
+    assert set(report) == {"ok", "failed", "gpus", "device", "versions", "logprob_gap_tolerance",
+                           "cuda_graph_decode_speedup", "checks"}
+    assert report["cuda_graph_decode_speedup"] is None   # one side failed: no ratio
+    assert "RuntimeError: boom" in report["checks"]["decode_eager"]["error"]
+    both = verdict({"decode_cuda_graphs": {"ok": True, "tokens_per_s": 9000},
+                    "decode_eager": {"ok": True, "tokens_per_s": 3000}}, 1, "GPU", {})
+    assert both["ok"] and both["cuda_graph_decode_speedup"] == 3.0
     json.dumps(report)   # one JSON object
