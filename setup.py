@@ -15,6 +15,7 @@ CORE = [
     "wandb>=0.31,<0.32",   # trainer.loggers=[..., wandb]; runs offline by default
     "tqdm",
     "matplotlib",
+    "httpx",   # rewards over HTTP (reward.remote)
 ]
 
 setup(
