@@ -15,6 +15,10 @@ CORE = [
     "wandb>=0.31,<0.32",   # trainer.loggers=[..., wandb]; runs offline by default
     "tqdm",
     "matplotlib",
+    # rewards over HTTP (reward.remote, `rlhf-ds serve-reward`)
+    "httpx",
+    "fastapi",
+    "uvicorn",
 ]
 
 setup(

@@ -70,6 +70,23 @@ class TrainableRoleConfig(RoleConfig):
 
 
 @dataclass(frozen=True)
+class RemoteRewardConfig:
+    """A reward served over HTTP (`rlhf-ds serve-reward`, or any server of the same JSON schema, docs/rewards.md)."""
+    url: str = option("", "scoring endpoint, e.g. http://127.0.0.1:8000/score; '' = off")
+    weight: float = option(1.0, "weight of the remote score in the total reward (and in evaluation)")
+    batch_size: int = option(64, "samples per POST", ge=1)
+    concurrency: int = option(4, "POSTs in flight at once", ge=1)
+    timeout_s: float = option(30.0, "deadline of one POST (connection, upload, answer); one past it is not "
+                                    "retried and its samples fail", gt=0)
+    retries: int = option(3, "further tries of a POST after a connection error or a 5xx answer (never "
+                             "after a 4xx or a deadline)", ge=0)
+    backoff_s: float = option(0.5, "wait before the first retry, doubled before each next one", ge=0)
+    headers: tuple[str, ...] = option((), "extra HTTP headers, each 'Name: value'")
+    token: str = option("", "shared secret sent as 'Authorization: Bearer <token>'; '' = the environment "
+                            "variable RLHF_DS_REWARD_TOKEN, if set (keeps it out of config.yaml)")
+
+
+@dataclass(frozen=True)
 class RewardConfig(RoleConfig):
     """Reward sources: rule functions and/or the reward-model engine, combined by weights."""
     use_model: bool = option(False, "also score with the reward model at model_path")
@@ -78,10 +95,12 @@ class RewardConfig(RoleConfig):
                                                           "'path/to/file.py:fn'")
     function_weights: tuple[float, ...] = option((), "one weight per function; empty = all 1.0")
     timeout_s: float = option(10.0, "a rule function still running after this is stopped", gt=0)
-    failure_value: float = option(0.0, "score of a sample whose rule function raised or timed out")
+    failure_value: float = option(0.0, "score of a sample whose rule function raised or timed out (or whose "
+                                       "remote request failed)")
     num_workers: int = option(2, "worker processes running the rule functions", ge=1)
     max_failure_fraction: float = option(0.5, "stop the run when more than this fraction of a step's "
-                                              "samples fail or time out in one rule function", ge=0, le=1)
+                                              "samples fail or time out in one rule function (or at the "
+                                              "remote endpoint)", ge=0, le=1)
     import_timeout_s: float = option(60.0, "time allowed to import a reward file (not counted in "
                                            "timeout_s)", gt=0)
     memory_limit_mb: int = option(4096, "address-space limit of each reward worker process; 0 = none", ge=0)
@@ -91,8 +110,11 @@ class RewardConfig(RoleConfig):
                          "(a step where every score is non-finite stops the run either way)")
     correct_score: float = option(1.0, "a held-out response counts as correct (eval/accuracy, eval/pass@k, "
                                        "the SFT stop) when its rule reward, the functions combined by "
-                                       "function_weights, is >= this; the built-in functions pay 1.0 for a "
-                                       "correct answer. Without functions, exact_match scores evaluation")
+                                       "function_weights plus remote.weight times the remote score, is >= "
+                                       "this; the built-in functions pay 1.0 for a correct answer. Without "
+                                       "functions and remote, exact_match scores evaluation")
+    remote: RemoteRewardConfig = section(RemoteRewardConfig, "a reward served over HTTP, scored like one more "
+                                                             "rule function (failures, deadlines, weight)")
 
 
 # ----------------------------------------------------------------------------- data and rollout

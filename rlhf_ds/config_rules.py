@@ -7,6 +7,7 @@ Imports no torch, ray, deepspeed or vllm.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from rlhf_ds.choices import (
     BUILTIN_REWARDS,
@@ -101,8 +102,8 @@ def _reward_rules(cfg: Config):
     reward = cfg.reward
     if reward.use_model and not reward.model_path:
         yield "reward.use_model=true needs reward.model_path"
-    if not reward.use_model and not reward.functions:
-        yield "no reward source: set reward.functions or reward.use_model=true"
+    if not reward.use_model and not reward.functions and not reward.remote.url:
+        yield "no reward source: set reward.functions, reward.remote.url or reward.use_model=true"
     if reward.function_weights and len(reward.function_weights) != len(reward.functions):
         yield (f"reward.function_weights has {len(reward.function_weights)} entries but "
                f"reward.functions has {len(reward.functions)} ({', '.join(reward.functions)})")
@@ -114,14 +115,32 @@ def _correct_score_rules(reward):
     """Held-out accuracy counts rewards >= reward.correct_score: refuse a threshold the built-in
     functions (each pays 0 or 1) can never reach, which would report 0 accuracy however the run goes."""
     functions = reward.functions or ("exact_match",)   # evaluation's stand-in without functions
-    if not all(f in BUILTIN_REWARDS for f in functions):
-        return   # a user function's range is unknown
+    if reward.remote.url or not all(f in BUILTIN_REWARDS for f in functions):
+        return   # a user function's or a remote endpoint's range is unknown
     weights = reward.function_weights if reward.functions and reward.function_weights else (1.0,) * len(functions)
     best = sum(max(w, 0.0) for w in weights)
     if reward.correct_score > best + 1e-9 * max(1.0, best):
         yield (f"reward.correct_score={reward.correct_score} can never be reached: reward.functions "
                f"{list(functions)} (each pays 0 or 1) with weights {list(weights)} pay at most {best:g}, so "
                f"eval/accuracy would stay 0; set reward.correct_score <= {best:g}")
+
+
+def _remote_rules(cfg: Config):
+    """reward.remote: an http(s) URL with a host, and headers the client can send as written."""
+    remote = cfg.reward.remote
+    if not remote.url:
+        return
+    parsed = urlsplit(remote.url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        yield (f"reward.remote.url={remote.url!r} must be an http:// or https:// URL with a host, e.g. "
+               f"http://127.0.0.1:8000/score (or '' for no remote reward)")
+    for header in remote.headers:
+        name, sep, _ = header.partition(":")
+        if not sep or not name.strip() or name != name.strip() or " " in name:
+            yield f"reward.remote.headers: {header!r} is not 'Name: value'"
+        elif name.lower() == "authorization" and remote.token:
+            yield ("reward.remote.headers sets Authorization and reward.remote.token sends one too: "
+                   "keep one of them")
 
 
 def _runtime_rules(cfg: Config):
@@ -219,16 +238,18 @@ def _roles_in_use(cfg: Config) -> list[str]:
 
 
 def _evaluation_rules(cfg: Config):
-    """The SFT stage scores held-out answers with reward.functions (exact_match when there are none)."""
+    """The SFT stage scores held-out answers with reward.functions and reward.remote (exact_match when
+    there are neither)."""
     yield from _correct_score_rules(cfg.reward)
+    yield from _remote_rules(cfg)
 
 
 # The rules each command's config must pass: `rlhf-ds train` (and everything that plans or benchmarks an RL
 # run) all of them; the SFT and reward-model stages train one role on their own batches, so the RL batch,
 # loss and launcher rules (which concern the RL roles) do not bind them.
 _RULES = {
-    "rl": (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _runtime_rules, _launcher_rules,
-           _in_actor_rules, _vllm_placement_rules, _logging_rules, _stage_rules),
+    "rl": (_batch_rules, _estimator_rules, _loss_rules, _kl_rules, _reward_rules, _remote_rules, _runtime_rules,
+           _launcher_rules, _in_actor_rules, _vllm_placement_rules, _logging_rules, _stage_rules),
     "sft": (_evaluation_rules, _runtime_rules, _in_actor_rules, _vllm_placement_rules, _logging_rules, _stage_rules),
     "rm": (_runtime_rules, _logging_rules, _stage_rules),
 }

@@ -7,8 +7,8 @@ that take a config use ``add_config_arguments`` / ``config_from_args``:
     rlhf-ds <command> [CONFIG] [key=value ...]     CONFIG: a YAML path or a shipped recipe name
 
 A ConfigError anywhere prints its message and exits with status 2, without a traceback.
-Modules: ``args`` (shared by all commands), ``config_commands``, ``run_commands``, ``plan_command``,
-``check_gpu``; this one only
+Modules: ``args`` (shared by all commands), ``config_commands``, ``run_commands``, ``serve_command``,
+``plan_command``, ``check_gpu``; this one only
 assembles them, so nothing imports back into it.
 """
 from __future__ import annotations
@@ -22,12 +22,14 @@ from rlhf_ds.cli.check_gpu import CHECK_COMMANDS
 from rlhf_ds.cli.config_commands import CONFIG_COMMANDS
 from rlhf_ds.cli.plan_command import PLAN_COMMANDS
 from rlhf_ds.cli.run_commands import RUN_COMMANDS
+from rlhf_ds.cli.serve_command import SERVE_COMMANDS
 from rlhf_ds.config import ConfigError
 
 __all__ = ["COMMANDS", "Command", "add_config_arguments", "build_parser", "config_from_args", "main",
            "split_config_args"]
 
-COMMANDS: dict[str, Command] = {**CONFIG_COMMANDS, **RUN_COMMANDS, **PLAN_COMMANDS, **CHECK_COMMANDS}
+COMMANDS: dict[str, Command] = {**CONFIG_COMMANDS, **RUN_COMMANDS, **SERVE_COMMANDS, **PLAN_COMMANDS,
+                                **CHECK_COMMANDS}
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -250,13 +250,3 @@ class RewardRunner:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def runner_from_config(reward) -> RewardRunner | None:
-    """The rule-reward runner of a run's ``reward`` config section; None when it names no function.
-    The caller closes it (``close()`` or ``with``)."""
-    if not reward.functions:
-        return None
-    return RewardRunner(list(reward.functions), list(reward.function_weights), reward.timeout_s,
-                        reward.failure_value, reward.num_workers, max_failure_fraction=reward.max_failure_fraction,
-                        import_timeout_s=reward.import_timeout_s, memory_limit_mb=reward.memory_limit_mb,
-                        cpu_time_limit_s=reward.cpu_time_limit_s)

@@ -104,9 +104,10 @@ def run_pairs(cfg: Config, out_dir: str, *, pairs_per_prompt: int = 2, num_train
     engine = HFRolloutEngine(cfg.actor.model_path, tokenizer_path=cfg.actor.tokenizer_path,
                              decoder=cfg.rollout.hf_decoder)
     # what labels a sample: the run's rule rewards, or evaluation's stand-in when it has none
-    reward = cfg.reward if cfg.reward.functions else dataclasses.replace(cfg.reward, functions=("exact_match",),
-                                                                        function_weights=())
-    functions = list(reward.functions)
+    labelled = cfg.reward.functions or cfg.reward.remote.url
+    reward = cfg.reward if labelled else dataclasses.replace(cfg.reward, functions=("exact_match",),
+                                                             function_weights=())
+    functions = list(reward.functions) + ([reward.remote.url] if reward.remote.url else [])
     runner = runner_from_config(reward)
     if runner is None:
         raise ValueError(f"pairs: no reward function to label samples with (reward.functions={functions})")

@@ -26,6 +26,9 @@ HARMLESS_PREFIXES = (
     "reward.import_timeout_s", "reward.memory_limit_mb", "reward.cpu_time_limit_s", "actor.lr", "critic.lr",
     "actor.micro_batch_size", "critic.micro_batch_size", "reference.micro_batch_size", "reward.micro_batch_size",
     "trainer.eval_pass_k", "reward.correct_score", "rollout.vllm.", "trainer.loggers", "trainer.wandb_",
+    # how the remote reward is reached, not what it pays (its url and weight are not here)
+    "reward.remote.batch_size", "reward.remote.concurrency", "reward.remote.timeout_s", "reward.remote.retries",
+    "reward.remote.backoff_s", "reward.remote.headers", "reward.remote.token",
 )
 RANK_KEYS = ("actor.num_ranks", "critic.num_ranks")   # of the roles whose checkpoints are resumed
 

@@ -49,6 +49,8 @@ def sft_dir(cfg: Config) -> Path:
                  cfg.reward.correct_score]   # no functions: exact_match scores evaluation
     if scored_by != [["exact_match"], [], 1.0]:
         key["eval"] = scored_by
+    if cfg.reward.remote.url:   # a remote endpoint scores the stop too
+        key["eval_remote"] = [cfg.reward.remote.url, cfg.reward.remote.weight]
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     name = cfg.actor.model_path.replace("tiny:", "").replace("/", "_").strip("_")[-40:]
     return default_cache_dir() / "sft" / f"{name}-{digest}"

@@ -3,6 +3,7 @@ torn metrics line, and what a resumed run may change."""
 import json
 import os
 import random
+import re
 
 import numpy as np
 import pytest
@@ -137,6 +138,21 @@ def test_resume_accepts_harmless_changes_and_says_which(tmp_path):
     assert check_resume(cfg, log=said.append) == step_dir(str(tmp_path), 3)
     assert "actor.lr: 0.0002 -> 5e-05" in said[0] and "trainer.max_steps: 1500 -> 1000" in said[0]
     assert "actor.micro_batch_size: 128 -> 32" in said[0]
+
+
+def test_resume_accepts_how_a_remote_reward_is_reached_but_not_where_it_is(tmp_path):
+    url = "http://127.0.0.1:8000/score"
+    _checkpointed_config(tmp_path, f"reward.remote.url={url}")
+    said = []
+    cfg = load_config("grpo_tiny", [f"trainer.output_dir={tmp_path}", "trainer.resume=true", f"reward.remote.url={url}",
+                                    "reward.remote.timeout_s=5", "reward.remote.token=new", "reward.remote.retries=9"])
+    assert check_resume(cfg, log=said.append) == step_dir(str(tmp_path), 3)
+    assert "reward.remote.timeout_s: 30.0 -> 5.0" in said[0] and "reward.remote.retries: 3 -> 9" in said[0]
+    for changed in ("reward.remote.url=http://127.0.0.1:8001/score", "reward.remote.weight=2"):
+        cfg = load_config("grpo_tiny", [f"trainer.output_dir={tmp_path}", "trainer.resume=true",
+                                        f"reward.remote.url={url}", changed])
+        with pytest.raises(ConfigError, match=re.escape(changed.split("=")[0])):
+            check_resume(cfg)
 
 
 def test_resume_with_other_rank_counts_is_refused_with_what_to_do(tmp_path):

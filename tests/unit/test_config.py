@@ -1,6 +1,7 @@
 """The config tree: loading, overrides, every validation rule, freezing, printing, `rlhf-ds config`."""
 import ast
 import dataclasses
+import re
 import subprocess
 import sys
 from typing import get_args, get_type_hints
@@ -376,6 +377,35 @@ def test_reward_sources():
     assert_rule(["reward.functions=[exact_match, format]", "reward.function_weights=[1]"],
                 "reward.function_weights has 1 entries but reward.functions has 2")
     load("reward.functions=[exact_match, format]", "reward.function_weights=[1, 0.1]")
+
+
+def test_a_remote_endpoint_is_a_reward_source_of_its_own():
+    url = "http://127.0.0.1:8000/score"
+    cfg = load("reward.functions=[]", f"reward.remote.url={url}", "reward.remote.headers=['X-Run: demo']")
+    assert cfg.reward.remote.url == url and cfg.reward.remote.headers == ("X-Run: demo",)
+    assert_rule(["reward.functions=[]"], "set reward.functions, reward.remote.url or reward.use_model=true")
+    load("reward.functions=[]", f"reward.remote.url={url}", "reward.correct_score=5")   # the remote's range is unknown
+    load_config("sft_tiny", ["reward.functions=[]", f"reward.remote.url={url}"], stage="sft")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["reward.remote.url=127.0.0.1:8000/score"], "must be an http:// or https:// URL with a host"),
+    (["reward.remote.url=ftp://host/score"], "must be an http:// or https:// URL"),
+    (["reward.remote.url=http:///score"], "with a host"),
+    (["reward.remote.url=http://h/s", "reward.remote.headers=['X-Run demo']"], "'X-Run demo' is not 'Name: value'"),
+    (["reward.remote.url=http://h/s", "reward.remote.headers=[': v']"], "is not 'Name: value'"),
+    (["reward.remote.url=http://h/s", "reward.remote.headers=['Authorization: Bearer a']", "reward.remote.token=b"],
+     "keep one of them"),
+    (["reward.remote.batch_size=0"], "reward.remote.batch_size: must be >= 1"),
+    (["reward.remote.timeout_s=0"], "reward.remote.timeout_s: must be > 0"),
+    (["reward.remote.retries=-1"], "reward.remote.retries: must be >= 0"),
+])
+def test_remote_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(*overrides)
+    if overrides[0].startswith("reward.remote.url"):   # the SFT stage's evaluation uses the endpoint too
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config("sft_tiny", overrides, stage="sft")
 
 
 def test_correct_score_must_be_reachable_by_builtin_functions():

@@ -154,6 +154,7 @@ def test_sft_cache_key_follows_what_scores_its_stop():
                "max_response_len": cfg.rollout.max_response_len, "version": 1}
     assert sft_dir(cfg).name.endswith(hashlib.sha256(json.dumps(old_key, sort_keys=True).encode()).hexdigest()[:12])
     changed = [["reward.functions=[final_number]"], ["reward.function_weights=[0.5]", "reward.correct_score=0.5"],
-               ["actor.tokenizer_path=/some/tokenizer"], ["data.apply_chat_template=true"]]
+               ["actor.tokenizer_path=/some/tokenizer"], ["data.apply_chat_template=true"],
+               ["reward.remote.url=http://127.0.0.1:8000/score"]]
     dirs = {sft_dir(load_config(None, overrides)) for overrides in changed}
-    assert len(dirs) == 4 and sft_dir(cfg) not in dirs
+    assert len(dirs) == 5 and sft_dir(cfg) not in dirs
