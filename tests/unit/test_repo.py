@@ -18,6 +18,15 @@ def test_every_test_tier_is_collected():
     assert not skipped, f"pytest would skip tests/{skipped}"
 
 
+def test_test_modules_have_distinct_names():
+    # the test directories are not packages: two modules of one name collide when a session collects both
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        seen.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    same = {name: paths for name, paths in seen.items() if len(paths) > 1 and name != "conftest.py"}
+    assert not same, f"test modules of the same name: {same}"
+
+
 def _imported_modules(path: pathlib.Path) -> set[str]:
     tree = ast.parse(path.read_text())
     names = set()
